@@ -1,0 +1,743 @@
+"""The per-process agent: wires transport, protocol and the threads that run user code.
+
+Threads, and what each may do:
+
+* one reader per peer connection: receives frames, decodes them, completes the
+  futures of replies, and queues requests for the pool. It never runs user
+  functions and never sends (a reader blocked in a send could stop both peers
+  reading: a deadlock when two large messages cross).
+* the pool (``num_worker_threads``): runs user functions and every handler that
+  sends a reply or a control message.
+* a watchdog: fails calls that ran past their timeout.
+* an acceptor: takes the connections of higher-ranked workers during start-up.
+
+Calls are sent from the caller's own thread; ``rpc_sync`` then waits on its
+future, which the reader completes: one thread hand-off each way.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import queue
+import threading
+import time
+import traceback
+from typing import Any, Callable, Optional
+
+import torch
+
+from . import rendezvous as rdzv
+from . import serialization
+from .errors import (
+    ProtocolError,
+    RemoteError,
+    RPCError,
+    RPCTimeoutError,
+    SerializationError,
+    WorkerUnavailableError,
+)
+from .options import UNSET_RPC_TIMEOUT, RpcBackendOptions
+from .protocol import messages as m
+from .protocol.rref_context import ForkData, OwnerRRef, RRefContext, UserRRef
+from .transport import Connection, ConnectionClosed, connect, listen
+from .worker_info import WorkerInfo
+
+log = logging.getLogger("torchrpc")
+
+_tls = threading.local()
+
+ReplyCallback = Callable[[Optional[m.Message], Optional[BaseException]], None]
+
+
+class UnknownWorkerError(RPCError, ValueError):
+    """No worker has that name or id."""
+
+
+class _Pending:
+    __slots__ = ("dest", "desc", "deadline", "timeout", "callback")
+
+    def __init__(self, dest: int, desc: str, deadline: float, timeout: float, callback: ReplyCallback) -> None:
+        self.dest = dest
+        self.desc = desc
+        self.deadline = deadline
+        self.timeout = timeout
+        self.callback = callback
+
+
+class _Pool:
+    """Fixed threads that run queued callables; ``stop`` runs what is queued, then joins."""
+
+    def __init__(self, size: int, name: str) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True) for i in range(size)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, fn: Callable, *args: Any) -> None:
+        self._queue.put((fn, args))
+
+    def _run(self) -> None:
+        _tls.in_pool = True
+        get = self._queue.get
+        while True:
+            item = get()
+            if item is None:
+                return
+            fn, args = item
+            try:
+                fn(*args)
+            except BaseException:  # a handler bug must not kill the thread
+                log.exception("torchrpc: unhandled error in %s", getattr(fn, "__qualname__", fn))
+            del item, fn, args
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for _ in self._threads:
+            self._queue.put(None)
+        if threading.current_thread() in self._threads:
+            return
+        for t in self._threads:
+            t.join(timeout)
+
+
+class _SendSession(serialization.Session):
+    """Pickling state of one outgoing message: the RRef forks it made."""
+
+    __slots__ = ("ctx", "forks")
+
+    def __init__(self, ctx: RRefContext) -> None:
+        self.ctx = ctx
+        self.forks: list[ForkData] = []
+
+    def fork_rref(self, handle: OwnerRRef | UserRRef) -> ForkData:
+        fork = self.ctx.fork_for_send(handle)
+        self.forks.append(fork)
+        return fork
+
+    def cancel(self) -> None:
+        for fork in self.forks:
+            self.ctx.cancel_fork(fork)
+        self.forks.clear()
+
+
+class _RecvSession(serialization.Session):
+    __slots__ = ("ctx", "src")
+
+    def __init__(self, ctx: RRefContext, src: int) -> None:
+        self.ctx = ctx
+        self.src = src
+
+    def rref_from_fork(self, fork: ForkData) -> OwnerRRef | UserRRef:
+        if fork.parent_id != self.src:
+            raise ProtocolError(f"RRef fork names parent {fork.parent_id} but came from worker {self.src}")
+        return self.ctx.receive_fork(fork)
+
+
+def func_name(func: Any) -> str:
+    return getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+
+
+def is_async_function(func: Any) -> bool:
+    return getattr(func, "_wrapped_async_rpc_function", None) is not None
+
+
+class Agent:
+    """One worker's RPC machinery. Create with :meth:`start`; end with :meth:`shutdown`."""
+
+    def __init__(self, name: str, rank: int, world_size: int, options: RpcBackendOptions, rv: rdzv.Rendezvous):
+        self.name = name
+        self.rank = rank
+        self.world_size = world_size
+        self.options = options
+        self.rpc_timeout = options.rpc_timeout
+        self._rv = rv
+        self.info = WorkerInfo(name, rank)
+        self.workers: list[WorkerInfo] = []
+        self._by_name: dict[str, WorkerInfo] = {}
+        self._conns: dict[int, Connection] = {}
+        self._dead: dict[int, str] = {}
+        self._pending: dict[int, _Pending] = {}
+        self._deadlines: list[tuple[float, int]] = []
+        self._deadline_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._closing = False
+        self._closed = False
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        self._conn_ready = threading.Condition()
+        self.ctx = RRefContext(rank, self._emit)
+        self._handlers: dict[type, Callable[[int, Any], None]] = {
+            m.PythonCall: self._handle_call,
+            m.RemoteCall: self._handle_remote,
+            m.RRefFetchCall: self._handle_fetch,
+            m.RRefUserDelete: self._handle_user_delete,
+            m.RRefForkRequest: self._handle_fork_request,
+            m.RRefChildAccept: self._handle_child_accept,
+        }
+        self._pool = _Pool(options.num_worker_threads, f"torchrpc-{name}")
+        self._listener = None
+
+    # --- start-up ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Listen, publish our address, learn everyone's, and connect to every peer."""
+        timeout = self.rpc_timeout or 300.0
+        try:
+            self._listener = listen(f"tcp://{rdzv.listen_host(self._rv.master_host)}:0")
+            self._spawn(self._watchdog, "watchdog")
+            self._spawn(self._accept_loop, "acceptor")
+            rdzv.publish(self._rv.store, self.rank, {"name": self.name, "address": self._listener.address})
+            infos = rdzv.gather(self._rv.store, self.world_size, timeout)
+            names = [i["name"] for i in infos]
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"worker names must be unique; {dupes} used by ranks "
+                                 f"{[r for r, n in enumerate(names) if n in dupes]}")
+            self.workers = [WorkerInfo(n, r) for r, n in enumerate(names)]
+            self._by_name = {w.name: w for w in self.workers}
+            for peer in range(self.rank):
+                conn = connect(infos[peer]["address"], timeout)
+                conn.send(m.Hello(0, self.rank, self.name).encode())
+                self._add_connection(peer, conn)
+            deadline = time.monotonic() + timeout
+            with self._conn_ready:
+                while len(self._conns) < self.world_size - 1:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        missing = [w.name for w in self.workers if w.id != self.rank and w.id not in self._conns]
+                        raise RPCError(f"timed out after {timeout:.0f} s waiting for workers {missing} to connect")
+                    self._conn_ready.wait(left)
+        except BaseException:
+            self._close(graceful=False)
+            raise
+
+    def _spawn(self, target: Callable, what: str, *args: Any) -> threading.Thread:
+        t = threading.Thread(target=target, args=args, name=f"torchrpc-{self.name}-{what}", daemon=True)
+        self._threads.append(t)
+        t.start()
+        return t
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                conn = self._listener.accept()
+            except ConnectionClosed:
+                return
+            try:
+                hello = m.decode(conn.recv())
+                if not isinstance(hello, m.Hello):
+                    raise ProtocolError(f"expected HELLO, got {type(hello).__name__}")
+                peer = hello.worker_id
+                if not self.workers:
+                    # the mesh is only built after every address is known; wait for that
+                    with self._conn_ready:
+                        self._conn_ready.wait_for(lambda: bool(self.workers) or self._closing, 60)
+                if not (self.rank < peer < len(self.workers)) or self.workers[peer].name != hello.name:
+                    raise ProtocolError(f"unexpected HELLO from {hello.name!r} claiming id {peer}")
+                if peer in self._conns:
+                    raise ProtocolError(f"worker {hello.name!r} is already connected")
+            except (ConnectionClosed, ProtocolError) as e:
+                log.warning("torchrpc %s: rejected connection from %s: %s", self.name, conn.peer, e)
+                conn.close()
+                continue
+            self._add_connection(peer, conn)
+
+    def _add_connection(self, peer: int, conn: Connection) -> None:
+        with self._conn_ready:
+            self._conns[peer] = conn
+            self._conn_ready.notify_all()
+        self._spawn(self._read_loop, f"reader-{peer}", peer, conn)
+
+    # --- names --------------------------------------------------------------------
+
+    def worker_info(self, to: Any = None) -> WorkerInfo:
+        """Resolve a worker name, id or WorkerInfo (None: this worker)."""
+        if to is None:
+            return self.info
+        if isinstance(to, WorkerInfo):
+            if 0 <= to.id < len(self.workers) and self.workers[to.id] == to:
+                return to
+            raise UnknownWorkerError(f"unknown worker {to!r}")
+        if isinstance(to, str):
+            w = self._by_name.get(to)
+            if w is None:
+                raise UnknownWorkerError(f"unknown worker name {to!r}; workers are {sorted(self._by_name)}")
+            return w
+        if isinstance(to, int) and not isinstance(to, bool):
+            if 0 <= to < len(self.workers):
+                return self.workers[to]
+            raise UnknownWorkerError(f"unknown worker id {to}; ids are 0..{len(self.workers) - 1}")
+        raise TypeError(f"a destination worker is a name, an id or a WorkerInfo, not {type(to).__name__}")
+
+    def _timeout(self, timeout: float) -> float:
+        if timeout is None or timeout == UNSET_RPC_TIMEOUT:
+            return self.rpc_timeout
+        if timeout < 0:
+            raise ValueError(f"timeout must be >= 0 (0: none) or -1 (the default), got {timeout}")
+        return float(timeout)
+
+    # --- sending --------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RPCError("RPC has been shut down on this worker; call init_rpc again to use it")
+
+    def _send(self, dest: int, frame: list) -> None:
+        if dest == self.rank:
+            # to ourselves: copy, as the wire would, and dispatch in this thread
+            self._dispatch(dest, [bytearray(b) for b in frame])
+            return
+        conn = self._conns.get(dest)
+        if conn is None:
+            why = self._dead.get(dest, "not connected")
+            raise WorkerUnavailableError(f"worker {self.workers[dest].name!r} (id {dest}) is unavailable: {why}")
+        try:
+            conn.send(frame)
+        except ConnectionClosed as e:
+            raise WorkerUnavailableError(f"worker {self.workers[dest].name!r} (id {dest}) is unavailable: {e}") from e
+
+    def _request(self, dest: int, msg: m.Message, timeout: float, desc: str, callback: ReplyCallback) -> None:
+        """Send a request; ``callback(reply, error)`` runs exactly once (reply, timeout or failure)."""
+        msg_id = msg.msg_id = next(self._ids)
+        deadline = time.monotonic() + timeout if timeout > 0 else 0.0
+        self._pending[msg_id] = _Pending(dest, desc, deadline, timeout, callback)
+        if deadline:
+            with self._deadline_lock:
+                heapq.heappush(self._deadlines, (deadline, msg_id))
+        try:
+            self._send(dest, msg.encode())
+        except BaseException:
+            self._pending.pop(msg_id, None)
+            raise
+
+    def call(self, to: Any, func: Callable, args: tuple, kwargs: dict, timeout: float) -> torch.futures.Future:
+        """Run ``func(*args, **kwargs)`` on worker ``to``; a Future of its result."""
+        self._check_open()
+        dest = self.worker_info(to).id
+        timeout = self._timeout(timeout)
+        session = _SendSession(self.ctx)
+        payload = self._dumps_request(func, args, kwargs, session, dest)
+        fut: torch.futures.Future = torch.futures.Future()
+        desc = func_name(func)
+
+        def on_reply(reply: Optional[m.Message], error: Optional[BaseException]) -> None:
+            if error is None:
+                if isinstance(reply, m.PythonReturn):
+                    try:
+                        fut.set_result(serialization.loads(reply.payload, _RecvSession(self.ctx, dest)))
+                        return
+                    except BaseException as e:
+                        error = e
+                else:
+                    error = self._reply_error(reply, dest)
+            fut.set_exception(error)
+
+        try:
+            self._request(dest, m.PythonCall(0, payload), timeout, desc, on_reply)
+        except BaseException:
+            session.cancel()
+            raise
+        return fut
+
+    def _dumps_request(self, func: Callable, args: tuple, kwargs: dict, session: _SendSession, dest: int) -> m.Payload:
+        try:
+            return serialization.dumps((func, args, kwargs), session)
+        except SerializationError as e:
+            session.cancel()
+            raise SerializationError(
+                f"arguments of {func_name(func)} for worker {self.workers[dest].name!r} cannot be sent: {e}"
+            ) from e.__cause__
+
+    def remote(self, to: Any, func: Callable, args: tuple, kwargs: dict, timeout: float) -> tuple[Any, torch.futures.Future]:
+        """Start ``func`` on ``to`` keeping its result there; (handle, creation future)."""
+        self._check_open()
+        dest = self.worker_info(to).id
+        timeout = self._timeout(timeout)
+        created: torch.futures.Future = torch.futures.Future()
+        if dest == self.rank:
+            owner = OwnerRRef(self.ctx.new_id())
+            self._pool.submit(self._run_into_owner, func, args, kwargs, owner, created)
+            return owner, created
+        user = self.ctx.create_user_for_remote(dest)
+        session = _SendSession(self.ctx)
+        try:
+            payload = self._dumps_request(func, args, kwargs, session, dest)
+        except BaseException:
+            self.ctx.confirm_remote_user(user.fork_id, RPCError("never sent"))
+            raise
+        fork_id = user.fork_id
+
+        def on_reply(reply: Optional[m.Message], error: Optional[BaseException]) -> None:
+            if error is not None:
+                # timeout or dead owner: it may never have registered our fork
+                self.ctx.confirm_remote_user(fork_id, error)
+                created.set_exception(error)
+                return
+            self.ctx.confirm_remote_user(fork_id)
+            if isinstance(reply, m.RemoteReturn):
+                created.set_result(True)
+            else:
+                created.set_exception(self._reply_error(reply, dest))
+
+        try:
+            self._request(dest, m.RemoteCall(0, user.rref_id, user.fork_id, payload), timeout, func_name(func), on_reply)
+        except BaseException as e:
+            session.cancel()
+            self.ctx.confirm_remote_user(fork_id, e)
+            raise
+        return user, created
+
+    def _run_into_owner(self, func: Callable, args: tuple, kwargs: dict, owner: OwnerRRef, created: torch.futures.Future) -> None:
+        """remote() to ourselves: run through pickle (value semantics), keep the result locally."""
+        try:
+            session = _SendSession(self.ctx)
+            payload = serialization.dumps((func, args, kwargs), session)
+            func, args, kwargs = serialization.loads(_copy_payload(payload), _RecvSession(self.ctx, self.rank))
+            self._run_user(func, args, kwargs, lambda v, e: self._fill_owner(owner, v, e, created))
+        except BaseException as e:
+            self._fill_owner(owner, None, e, created)
+
+    @staticmethod
+    def _fill_owner(owner: OwnerRRef, value: Any, error: Optional[BaseException], created: torch.futures.Future) -> None:
+        if error is not None:
+            owner.set_error(error)
+            created.set_exception(error)
+        else:
+            owner.set_value(value)
+            created.set_result(True)
+
+    def fetch(self, user: UserRRef, timeout: float) -> torch.futures.Future:
+        """The value of a UserRRef from its owner (``to_here``)."""
+        self._check_open()
+        timeout = self._timeout(timeout)
+        fut: torch.futures.Future = torch.futures.Future()
+        if user.error is not None:
+            fut.set_exception(user.error)
+            return fut
+        dest = user.owner_id
+
+        def on_reply(reply: Optional[m.Message], error: Optional[BaseException]) -> None:
+            if error is None:
+                if isinstance(reply, m.RRefFetchReturn):
+                    try:
+                        fut.set_result(serialization.loads(reply.payload, _RecvSession(self.ctx, dest)))
+                        return
+                    except BaseException as e:
+                        error = e
+                else:
+                    error = self._reply_error(reply, dest)
+            fut.set_exception(error)
+
+        self._request(dest, m.RRefFetchCall(0, user.rref_id), timeout, "RRef.to_here", on_reply)
+        return fut
+
+    def _emit(self, dest: int, msg: m.Message, on_done: Optional[Callable[[Optional[BaseException]], None]]) -> None:
+        """The RRef context's outbox: send a control message from the pool (never inline)."""
+        if self._closed:
+            return
+        self._pool.submit(self._send_control, dest, msg, on_done)
+
+    def _send_control(self, dest: int, msg: m.Message, on_done: Optional[Callable]) -> None:
+        def on_reply(reply: Optional[m.Message], error: Optional[BaseException]) -> None:
+            if error is None and not isinstance(reply, m.RRefAck):
+                error = self._reply_error(reply, dest)
+            if error is not None:
+                log.debug("torchrpc %s: %s to %d failed: %s", self.name, type(msg).__name__, dest, error)
+            if on_done is not None:
+                self._on_pool(on_done, error)
+
+        try:
+            self._request(dest, msg, self.rpc_timeout, type(msg).__name__, on_reply)
+        except BaseException as e:
+            on_reply(None, e)
+
+    def _on_pool(self, fn: Callable, *args: Any) -> None:
+        """Run ``fn`` now if this is a pool thread, else queue it for the pool."""
+        if getattr(_tls, "in_pool", False):
+            fn(*args)
+        else:
+            self._pool.submit(fn, *args)
+
+    # --- receiving --------------------------------------------------------------------
+
+    def _read_loop(self, peer: int, conn: Connection) -> None:
+        reason = "connection closed"
+        try:
+            while True:
+                self._dispatch(peer, conn.recv())
+        except ConnectionClosed as e:
+            reason = str(e)
+        except BaseException as e:  # pragma: no cover - a bug; report it as a lost peer
+            log.exception("torchrpc %s: reader for worker %d failed", self.name, peer)
+            reason = f"reader failed: {e!r}"
+        finally:
+            self._on_connection_lost(peer, conn, reason)
+
+    def _dispatch(self, src: int, frame: list) -> None:
+        try:
+            msg = m.decode(frame)
+            handler = None if msg.IS_REPLY else self._handlers.get(type(msg))
+            if handler is None and not msg.IS_REPLY:
+                raise ProtocolError(f"{type(msg).__name__} is not a request")
+        except ProtocolError as e:
+            msg_id = m.peek_msg_id(frame)
+            log.warning("torchrpc %s: malformed message from worker %d: %s", self.name, src, e)
+            if msg_id is not None:
+                self._pool.submit(self._reply_exception, src, msg_id, e)
+            return
+        if msg.IS_REPLY:
+            pending = self._pending.pop(msg.msg_id, None)
+            if pending is None:
+                return  # timed out already, or a stray reply
+            if pending.dest != src:
+                log.warning("torchrpc %s: worker %d replied to a request sent to %d", self.name, src, pending.dest)
+                self._pending[msg.msg_id] = pending
+                return
+            pending.callback(msg, None)
+        else:
+            self._pool.submit(handler, src, msg)
+
+    def _on_connection_lost(self, peer: int, conn: Connection, reason: str) -> None:
+        conn.close()
+        if self._conns.get(peer) is conn:
+            del self._conns[peer]
+        if self._closing and self._closed:
+            return
+        name = self.workers[peer].name if peer < len(self.workers) else str(peer)
+        self._dead[peer] = reason
+        if not self._closing:
+            log.warning("torchrpc %s: lost worker %r: %s", self.name, name, reason)
+        err = WorkerUnavailableError(f"worker {name!r} (id {peer}) is gone: {reason}")
+        for msg_id, p in list(self._pending.items()):
+            if p.dest == peer and self._pending.pop(msg_id, None) is not None:
+                p.callback(None, WorkerUnavailableError(f"{err} (while waiting for {p.desc})"))
+
+    def is_alive(self, peer: int) -> bool:
+        return peer == self.rank or peer not in self._dead
+
+    def _watchdog(self) -> None:
+        while not self._stop.wait(0.05):
+            now = time.monotonic()
+            expired = []
+            with self._deadline_lock:
+                while self._deadlines and self._deadlines[0][0] <= now:
+                    expired.append(heapq.heappop(self._deadlines)[1])
+            for msg_id in expired:
+                p = self._pending.pop(msg_id, None)
+                if p is not None:
+                    name = self.workers[p.dest].name
+                    p.callback(None, RPCTimeoutError(
+                        f"RPC to worker {name!r} running {p.desc} timed out after {p.timeout:g} s"))
+
+    # --- replying -----------------------------------------------------------------
+
+    def _reply_error(self, reply: Optional[m.Message], src: int) -> BaseException:
+        if not isinstance(reply, m.ExceptionReply):
+            return ProtocolError(f"unexpected reply {type(reply).__name__} from worker {src}")
+        where = f"On {self.workers[src]!r}:\n{reply.traceback}"
+        exc: Any = None
+        if reply.payload.data:
+            try:
+                exc = serialization.loads(reply.payload)
+            except BaseException:
+                exc = None
+        if not isinstance(exc, BaseException):
+            exc = RemoteError(f"{reply.type_name}: {reply.message}\n{where}", reply.type_name, reply.traceback)
+        else:
+            exc.add_note(where)
+        exc.remote_traceback = reply.traceback
+        return exc
+
+    def _reply(self, dest: int, msg: m.Message) -> None:
+        try:
+            self._send(dest, msg.encode())
+        except WorkerUnavailableError as e:
+            log.debug("torchrpc %s: reply to %d lost: %s", self.name, dest, e)
+
+    def _reply_exception(self, dest: int, msg_id: int, exc: BaseException) -> None:
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        try:
+            payload = serialization.dumps(exc)
+        except BaseException:
+            payload = m.Payload(b"")
+        t = type(exc)
+        self._reply(dest, m.ExceptionReply(msg_id, payload, f"{t.__module__}.{t.__qualname__}", str(exc), tb))
+
+    def _reply_value(self, dest: int, msg_id: int, value: Any, reply_cls: type = m.PythonReturn) -> None:
+        session = _SendSession(self.ctx)
+        try:
+            payload = serialization.dumps(value, session)
+        except BaseException as e:
+            session.cancel()
+            self._reply_exception(dest, msg_id, e)
+            return
+        try:
+            self._send(dest, reply_cls(msg_id, payload).encode())
+        except WorkerUnavailableError as e:
+            session.cancel()
+            log.debug("torchrpc %s: reply to %d lost: %s", self.name, dest, e)
+
+    def _run_user(self, func: Callable, args: tuple, kwargs: dict, done: Callable[[Any, Optional[BaseException]], None]) -> None:
+        """Run a user function; ``done(value, error)`` once it (or its Future, if async) finishes."""
+        try:
+            result = func(*args, **kwargs)
+        except BaseException as e:
+            done(None, e)
+            return
+        if not is_async_function(func):
+            done(result, None)
+            return
+        if not isinstance(result, torch.futures.Future):
+            done(None, TypeError(f"async_execution function {func_name(func)} must return a "
+                                 f"torch.futures.Future, not {type(result).__name__}"))
+            return
+
+        def finished(f: torch.futures.Future) -> None:
+            try:
+                value = f.wait()
+            except BaseException as e:
+                self._on_pool(done, None, e)
+                return
+            self._on_pool(done, value, None)
+
+        result.add_done_callback(finished)
+
+    def _handle_call(self, src: int, msg: m.PythonCall) -> None:
+        def done(value: Any, error: Optional[BaseException]) -> None:
+            if error is not None:
+                self._reply_exception(src, msg.msg_id, error)
+            else:
+                self._reply_value(src, msg.msg_id, value)
+
+        try:
+            func, args, kwargs = self._load_call(src, msg.payload)
+        except BaseException as e:
+            done(None, e)
+            return
+        self._run_user(func, args, kwargs, done)
+
+    def _load_call(self, src: int, payload: m.Payload) -> tuple:
+        call = serialization.loads(payload, _RecvSession(self.ctx, src))
+        if not (isinstance(call, tuple) and len(call) == 3 and callable(call[0])
+                and isinstance(call[1], tuple) and isinstance(call[2], dict)):
+            raise ProtocolError("a call payload must be (callable, args tuple, kwargs dict)")
+        return call
+
+    def _handle_remote(self, src: int, msg: m.RemoteCall) -> None:
+        if msg.fork_id.created_on != src or msg.rref_id.created_on != src:
+            self._reply_exception(src, msg.msg_id, ProtocolError("remote call ids must be created by the caller"))
+            return
+        owner = self.ctx.on_remote_call(msg.rref_id, msg.fork_id)
+
+        def done(value: Any, error: Optional[BaseException]) -> None:
+            if owner.done():
+                error = error or ProtocolError(f"RRef {msg.rref_id} was already created")
+            elif error is not None:
+                owner.set_error(error)
+            else:
+                owner.set_value(value)
+            if error is not None:
+                self._reply_exception(src, msg.msg_id, error)
+            else:
+                self._reply(src, m.RemoteReturn(msg.msg_id, msg.rref_id, msg.fork_id))
+
+        try:
+            func, args, kwargs = self._load_call(src, msg.payload)
+        except BaseException as e:
+            done(None, e)
+            return
+        self._run_user(func, args, kwargs, done)
+
+    def _handle_fetch(self, src: int, msg: m.RRefFetchCall) -> None:
+        owner = self.ctx.get_or_create_owner(msg.rref_id)
+
+        def ready(o: OwnerRRef) -> None:
+            try:
+                value = o.value(0)
+            except BaseException as e:
+                self._reply_exception(src, msg.msg_id, e)
+                return
+            self._reply_value(src, msg.msg_id, value, m.RRefFetchReturn)
+
+        owner.add_done_callback(lambda o: self._on_pool(ready, o))
+
+    def _handle_user_delete(self, src: int, msg: m.RRefUserDelete) -> None:
+        released = self.ctx.on_user_delete(msg.rref_id, msg.fork_id)
+        self._reply(src, m.RRefAck(msg.msg_id))
+        del released  # the value goes here, outside any lock
+
+    def _handle_fork_request(self, src: int, msg: m.RRefForkRequest) -> None:
+        self.ctx.on_fork_request(msg.rref_id, msg.fork_id)
+        self._reply(src, m.RRefAck(msg.msg_id))
+
+    def _handle_child_accept(self, src: int, msg: m.RRefChildAccept) -> None:
+        self.ctx.on_child_accept(msg.fork_id)
+        self._reply(src, m.RRefAck(msg.msg_id))
+
+    # --- shutdown ---------------------------------------------------------------------
+
+    def _wait_quiet(self, deadline: float, what: str) -> None:
+        delay = 0.001
+        while self._pending or self.ctx.has_pending():
+            if time.monotonic() > deadline:
+                descs = sorted({f"{p.desc} to {self.workers[p.dest].name}" for p in list(self._pending.values())})
+                raise TimeoutError(f"shutdown timed out {what}: still waiting for {descs or 'RRef confirmations'}")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.01)
+
+    def shutdown(self, graceful: bool = True, timeout: float = 0) -> None:
+        """Stop this worker; if graceful, first wait for every worker's outstanding work."""
+        if self._closed:
+            return
+        if not graceful:
+            self._close(graceful=False)
+            return
+        budget = timeout if timeout and timeout > 0 else (self.rpc_timeout or float("inf"))
+        deadline = time.monotonic() + budget
+        store, ranks = self._rv.store, range(self.world_size)
+        try:
+            self._wait_quiet(deadline, "finishing this worker's calls")
+            rdzv.barrier(store, "shutdown/drained", self.rank, ranks, max(0.0, deadline - time.monotonic()), self.is_alive)
+            self._closing = True
+            self._wait_quiet(deadline, "finishing RRef confirmations")
+            self.ctx.delete_all_users()
+            self._wait_quiet(deadline, "deleting RRefs")
+            rdzv.barrier(store, "shutdown/done", self.rank, ranks, max(0.0, deadline - time.monotonic()), self.is_alive)
+            store.set(f"barrier/shutdown/exit/{self.rank}", b"1")
+            if self.rank == 0:
+                # rank 0 hosts the store: it goes last, once no one needs the store
+                rdzv.barrier(store, "shutdown/exit", self.rank, ranks, max(1.0, deadline - time.monotonic()), self.is_alive)
+        finally:
+            self._close(graceful=True)
+
+    def _close(self, graceful: bool) -> None:
+        self._closing = True
+        self._closed = True
+        if not graceful:
+            self.ctx.detach_all()
+        if self._listener is not None:
+            self._listener.close()
+        with self._conn_ready:
+            conns = list(self._conns.values())
+            self._conns.clear()
+            self._conn_ready.notify_all()
+        for conn in conns:
+            conn.close()
+        self._stop.set()
+        me = threading.current_thread()
+        for t in self._threads:
+            if t is not me:
+                t.join(10)
+        err = RPCError(f"RPC on worker {self.name!r} was shut down")
+        for msg_id in list(self._pending):
+            p = self._pending.pop(msg_id, None)
+            if p is not None:
+                p.callback(None, err)
+        self._pool.stop()
+        self._rv = None  # type: ignore[assignment]  # drops the store (rank 0: stops its server)
+
+
+def _copy_payload(payload: m.Payload) -> m.Payload:
+    return m.Payload(bytearray(payload.data), [bytearray(b) for b in payload.buffers])

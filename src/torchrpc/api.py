@@ -1,0 +1,112 @@
+"""The public RPC functions, with torch.distributed.rpc's names, signatures and semantics."""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+
+from . import current
+from . import rendezvous as rdzv
+from .agent import Agent
+from .errors import RPCError
+from .options import DEFAULT_SHUTDOWN_TIMEOUT, UNSET_RPC_TIMEOUT, BackendType, RpcBackendOptions
+from .rref import RRef
+from .worker_info import WorkerInfo
+
+
+def init_rpc(
+    name: str,
+    backend: Optional[BackendType] = None,
+    rank: int = -1,
+    world_size: Optional[int] = None,
+    rpc_backend_options: Optional[RpcBackendOptions] = None,
+) -> None:
+    """Start RPC on this process as worker ``name`` and wait until all workers have joined.
+
+    Args:
+        name: a unique name of this worker.
+        backend: accepted for compatibility; torchrpc has one backend.
+        rank: this worker's id in ``[0, world_size)``; -1 reads ``RANK`` from the environment.
+        world_size: the number of workers; None reads ``WORLD_SIZE``.
+        rpc_backend_options: a :class:`RpcBackendOptions` (also importable as
+            ``TensorPipeRpcBackendOptions``): timeout, init_method, threads.
+    """
+    if not isinstance(name, str) or not name or len(name) > 128:
+        raise ValueError(f"worker name must be a non-empty string of at most 128 characters, got {name!r}")
+    if backend is not None and not isinstance(backend, (BackendType, str)) and not hasattr(backend, "name"):
+        raise TypeError(f"backend must be a BackendType, got {type(backend).__name__}")
+    options = rpc_backend_options if rpc_backend_options is not None else RpcBackendOptions()
+    with current.lock:
+        if current.get_agent_or_none() is not None:
+            raise RPCError("RPC is already initialized on this process; call shutdown() first")
+        rv = rdzv.rendezvous(options.init_method, rank, world_size, options.rpc_timeout or 300.0)
+        agent = Agent(name, rv.rank, rv.world_size, options, rv)
+        agent.start()
+        current.set_agent(agent)
+
+
+def shutdown(graceful: bool = True, timeout: float = DEFAULT_SHUTDOWN_TIMEOUT) -> None:
+    """Stop RPC on this worker.
+
+    With ``graceful=True`` this blocks until every worker has called shutdown and all
+    outstanding work (calls, RRef confirmations and deletions) has finished; then
+    every thread and socket of torchrpc is closed. ``timeout`` (seconds; 0 means
+    the rpc timeout) bounds that wait. With ``graceful=False`` it stops at once.
+    """
+    with current.lock:
+        agent = current.agent()
+        try:
+            agent.shutdown(graceful=graceful, timeout=timeout)
+        finally:
+            current.set_agent(None)
+
+
+def get_worker_info(worker_name: Optional[str] = None) -> WorkerInfo:
+    """The WorkerInfo of ``worker_name``, or of this worker if None."""
+    return current.agent().worker_info(worker_name)
+
+
+def _call_args(args: Any, kwargs: Any) -> tuple[tuple, dict]:
+    args = () if args is None else tuple(args)
+    kwargs = {} if kwargs is None else dict(kwargs)
+    return args, kwargs
+
+
+def rpc_async(
+    to: Any, func: Callable, args: Optional[tuple] = None, kwargs: Optional[dict] = None,
+    timeout: float = UNSET_RPC_TIMEOUT,
+) -> torch.futures.Future:
+    """Run ``func(*args, **kwargs)`` on worker ``to``; returns a ``torch.futures.Future`` of the result.
+
+    ``to`` is a worker name, id or WorkerInfo. ``timeout`` in seconds (0: none;
+    -1: the default from the options). Errors raised by ``func`` are raised by
+    ``Future.wait()``, with their type and the remote traceback.
+    """
+    if not callable(func):
+        raise TypeError(f"func must be callable, got {type(func).__name__}")
+    args, kwargs = _call_args(args, kwargs)
+    return current.agent().call(to, func, args, kwargs, timeout)
+
+
+def rpc_sync(
+    to: Any, func: Callable, args: Optional[tuple] = None, kwargs: Optional[dict] = None,
+    timeout: float = UNSET_RPC_TIMEOUT,
+) -> Any:
+    """Run ``func(*args, **kwargs)`` on worker ``to`` and return its result (see :func:`rpc_async`)."""
+    return rpc_async(to, func, args, kwargs, timeout).wait()
+
+
+def remote(
+    to: Any, func: Callable, args: Optional[tuple] = None, kwargs: Optional[dict] = None,
+    timeout: float = UNSET_RPC_TIMEOUT,
+) -> RRef:
+    """Run ``func(*args, **kwargs)`` on worker ``to`` and return an RRef to the result, kept there.
+
+    Returns at once. If creating the value fails or times out, the error is raised
+    by the RRef's next use (``to_here()``), as in torch.distributed.rpc.
+    """
+    if not callable(func):
+        raise TypeError(f"func must be callable, got {type(func).__name__}")
+    args, kwargs = _call_args(args, kwargs)
+    handle, created = current.agent().remote(to, func, args, kwargs, timeout)
+    return RRef._wrap(handle, created)

@@ -1,0 +1,1 @@
+"""The sans-I/O protocol core: message types, and the RRef state machine."""

@@ -1,0 +1,314 @@
+"""The wire messages, each a small class with ``encode`` and ``decode``.
+
+A message travels as a *frame*: a list of byte buffers. The first buffer is the
+control header, packed with :mod:`struct` (message type, message id, RRef and
+fork ids, flags), so that routing a message never needs pickle. Messages that
+carry user data add a :class:`Payload`: one pickle buffer followed by the
+out-of-band buffers of the tensors inside it. Messages that carry text (an
+exception's type name and traceback) add UTF-8 buffers.
+
+Nothing here touches a socket; the transport moves frames, the agent reacts to
+decoded messages.
+"""
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, NamedTuple, Sequence
+
+from ..errors import ProtocolError
+
+Buffer = Any  # bytes, bytearray, memoryview or any object with the buffer protocol
+
+
+class MessageType(enum.IntEnum):
+    """Message types; PyTorch's names where one exists."""
+
+    PYTHON_CALL = 1
+    PYTHON_RET = 2
+    PYTHON_REMOTE_CALL = 3
+    REMOTE_RET = 4
+    PYTHON_RREF_FETCH_CALL = 5
+    PYTHON_RREF_FETCH_RET = 6
+    RREF_USER_DELETE = 7
+    RREF_FORK_REQUEST = 8
+    RREF_CHILD_ACCEPT = 9
+    RREF_ACK = 10
+    EXCEPTION = 11
+    HELLO = 12
+
+
+class GloballyUniqueId(NamedTuple):
+    """An RRef id or fork id: the creating worker's id and a counter local to it."""
+
+    created_on: int
+    local_id: int
+
+    def __repr__(self) -> str:
+        return f"GloballyUniqueId(created_on={self.created_on}, local_id={self.local_id})"
+
+
+@dataclass(slots=True)
+class Payload:
+    """Pickled user data: the pickle stream and its out-of-band buffers."""
+
+    data: Buffer
+    buffers: list = field(default_factory=list)
+
+    def frames(self) -> list:
+        return [self.data, *self.buffers]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(memoryview(b).nbytes for b in self.frames())
+
+
+# field kinds -> struct codes; a "gid" is two fields (worker id, local id).
+_CODES = {"u32": "I", "u64": "Q", "bool": "?", "gid": "IQ", "f64": "d"}
+
+_REGISTRY: dict[int, type["Message"]] = {}
+
+
+class Message:
+    """Base of all messages. Subclasses declare their header fields in ``FIELDS``."""
+
+    TYPE: ClassVar[MessageType]
+    FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (("msg_id", "u64"),)
+    HAS_PAYLOAD: ClassVar[bool] = False
+    TEXTS: ClassVar[tuple[str, ...]] = ()
+    IS_REPLY: ClassVar[bool] = False
+    _struct: ClassVar[struct.Struct]
+
+    msg_id: int
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "TYPE" in cls.__dict__:
+            fmt = "<B" + "".join(_CODES[kind] for _, kind in cls.FIELDS)
+            cls._struct = struct.Struct(fmt)
+            # @dataclass(slots=True) makes a second class; the last one made is the real one.
+            _REGISTRY[cls.TYPE] = cls
+
+    def encode(self) -> list:
+        """Return the frame: header buffer, then payload and text buffers."""
+        values: list = []
+        for name, kind in self.FIELDS:
+            v = getattr(self, name)
+            if kind == "gid":
+                values.extend(v)
+            else:
+                values.append(v)
+        frames = [self._struct.pack(self.TYPE, *values)]
+        if self.HAS_PAYLOAD:
+            frames.extend(self.payload.frames())  # type: ignore[attr-defined]
+        for name in self.TEXTS:
+            frames.append(getattr(self, name).encode("utf-8", "replace"))
+        return frames
+
+    @classmethod
+    def _from_frames(cls, frames: Sequence[Buffer]) -> "Message":
+        st = cls._struct
+        header = frames[0]
+        if len(header) != st.size:
+            raise ProtocolError(
+                f"{cls.TYPE.name} header has {len(header)} bytes, expected {st.size} "
+                f"(fields: {', '.join(n for n, _ in cls.FIELDS)})"
+            )
+        raw = st.unpack_from(header)[1:]
+        kwargs: dict[str, Any] = {}
+        i = 0
+        for name, kind in cls.FIELDS:
+            if kind == "gid":
+                kwargs[name] = GloballyUniqueId(raw[i], raw[i + 1])
+                i += 2
+            else:
+                kwargs[name] = raw[i]
+                i += 1
+        rest = list(frames[1:])
+        n_texts = len(cls.TEXTS)
+        if cls.HAS_PAYLOAD:
+            if len(rest) < 1 + n_texts:
+                raise ProtocolError(f"{cls.TYPE.name} is missing its payload")
+            cut = len(rest) - n_texts
+            kwargs["payload"] = Payload(rest[0], rest[1:cut])
+            rest = rest[cut:]
+        if len(rest) != n_texts:
+            raise ProtocolError(
+                f"{cls.TYPE.name} has {len(frames)} buffers, which does not fit its layout"
+            )
+        for name, buf in zip(cls.TEXTS, rest):
+            kwargs[name] = bytes(buf).decode("utf-8", "replace")
+        return cls(**kwargs)
+
+
+def decode(frames: Sequence[Buffer]) -> Message:
+    """Decode a frame into its message; raise :class:`ProtocolError` if malformed."""
+    if not frames or len(frames[0]) < 1:
+        raise ProtocolError("empty frame")
+    mtype = frames[0][0]
+    cls = _REGISTRY.get(mtype)
+    if cls is None:
+        raise ProtocolError(f"unknown message type {mtype}")
+    return cls._from_frames(frames)
+
+
+def peek_msg_id(frames: Sequence[Buffer]) -> int | None:
+    """The message id of a frame that may be malformed, or None if unreadable.
+
+    Used to address an error reply to a request that failed to decode.
+    """
+    try:
+        header = frames[0]
+        if len(header) >= 9:
+            return struct.unpack_from("<Q", header, 1)[0]
+    except Exception:
+        pass
+    return None
+
+
+# --- calls and replies -------------------------------------------------------
+
+
+@dataclass(slots=True)
+class PythonCall(Message):
+    """Run a pickled ``(func, args, kwargs)`` and reply with its result."""
+
+    TYPE = MessageType.PYTHON_CALL
+    HAS_PAYLOAD = True
+    msg_id: int
+    payload: Payload
+
+
+@dataclass(slots=True)
+class PythonReturn(Message):
+    """The pickled result of a call."""
+
+    TYPE = MessageType.PYTHON_RET
+    HAS_PAYLOAD = True
+    IS_REPLY = True
+    msg_id: int
+    payload: Payload
+
+
+@dataclass(slots=True)
+class ExceptionReply(Message):
+    """A failed request. The pickled exception may be empty if it could not be pickled."""
+
+    TYPE = MessageType.EXCEPTION
+    HAS_PAYLOAD = True
+    TEXTS = ("type_name", "message", "traceback")
+    IS_REPLY = True
+    msg_id: int
+    payload: Payload
+    type_name: str
+    message: str
+    traceback: str
+
+
+@dataclass(slots=True)
+class RemoteCall(Message):
+    """Run a pickled call on the owner and keep the result as OwnerRRef ``rref_id``.
+
+    ``fork_id`` is the caller's UserRRef, which the owner registers as a fork.
+    """
+
+    TYPE = MessageType.PYTHON_REMOTE_CALL
+    FIELDS = (("msg_id", "u64"), ("rref_id", "gid"), ("fork_id", "gid"))
+    HAS_PAYLOAD = True
+    msg_id: int
+    rref_id: GloballyUniqueId
+    fork_id: GloballyUniqueId
+    payload: Payload
+
+
+@dataclass(slots=True)
+class RemoteReturn(Message):
+    """The owner has created the OwnerRRef and registered the caller's fork."""
+
+    TYPE = MessageType.REMOTE_RET
+    FIELDS = (("msg_id", "u64"), ("rref_id", "gid"), ("fork_id", "gid"))
+    IS_REPLY = True
+    msg_id: int
+    rref_id: GloballyUniqueId
+    fork_id: GloballyUniqueId
+
+
+# --- RRef control messages ---------------------------------------------------
+
+
+@dataclass(slots=True)
+class RRefFetchCall(Message):
+    """Ask the owner for the value of ``rref_id`` (``to_here``)."""
+
+    TYPE = MessageType.PYTHON_RREF_FETCH_CALL
+    FIELDS = (("msg_id", "u64"), ("rref_id", "gid"))
+    msg_id: int
+    rref_id: GloballyUniqueId
+
+
+@dataclass(slots=True)
+class RRefFetchReturn(Message):
+    """The pickled value of an OwnerRRef."""
+
+    TYPE = MessageType.PYTHON_RREF_FETCH_RET
+    HAS_PAYLOAD = True
+    IS_REPLY = True
+    msg_id: int
+    payload: Payload
+
+
+@dataclass(slots=True)
+class RRefUserDelete(Message):
+    """A UserRRef ``fork_id`` of ``rref_id`` was deleted (guarantee G1)."""
+
+    TYPE = MessageType.RREF_USER_DELETE
+    FIELDS = (("msg_id", "u64"), ("rref_id", "gid"), ("fork_id", "gid"))
+    msg_id: int
+    rref_id: GloballyUniqueId
+    fork_id: GloballyUniqueId
+
+
+@dataclass(slots=True)
+class RRefForkRequest(Message):
+    """A user received fork ``fork_id`` of ``rref_id`` from another user; owner, register it."""
+
+    TYPE = MessageType.RREF_FORK_REQUEST
+    FIELDS = (("msg_id", "u64"), ("rref_id", "gid"), ("fork_id", "gid"))
+    msg_id: int
+    rref_id: GloballyUniqueId
+    fork_id: GloballyUniqueId
+
+
+@dataclass(slots=True)
+class RRefChildAccept(Message):
+    """The child ``fork_id`` is confirmed by the owner; its parent may go (guarantee G2)."""
+
+    TYPE = MessageType.RREF_CHILD_ACCEPT
+    FIELDS = (("msg_id", "u64"), ("fork_id", "gid"))
+    msg_id: int
+    fork_id: GloballyUniqueId
+
+
+@dataclass(slots=True)
+class RRefAck(Message):
+    """Generic acknowledgement of an RRef control message."""
+
+    TYPE = MessageType.RREF_ACK
+    IS_REPLY = True
+    msg_id: int
+
+
+# --- connection set-up ---------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Hello(Message):
+    """The first frame on a new connection: who is connecting."""
+
+    TYPE = MessageType.HELLO
+    FIELDS = (("msg_id", "u64"), ("worker_id", "u32"))
+    TEXTS = ("name",)
+    msg_id: int
+    worker_id: int
+    name: str

@@ -1,0 +1,312 @@
+"""The Remote Reference Protocol as a plain state machine.
+
+This follows PyTorch's design note "Remote Reference Protocol":
+
+* An RRef has one ``OwnerRRef`` (on the worker that holds the value) and any
+  number of ``UserRRef`` forks elsewhere, each with its own fork id.
+* **G1**: when a ``UserRRef`` is garbage collected, the owner is sent a user
+  delete; the owner frees its value once no known fork remains.
+* **G2**: a parent that forks an RRef to another worker is kept alive (in
+  ``pending_children``) until the child has been confirmed by the owner and says
+  so with a child accept.
+
+The context never does I/O. Whatever must be sent goes through the ``emit``
+callable given at construction, as ``emit(dest_worker_id, message, on_done)``;
+``on_done(error_or_None)`` is called by the agent when the reply (an ack) comes
+back. ``emit`` must not block and must not call back into the context
+synchronously. Tests drive the context with a list for ``emit``.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import weakref
+from concurrent.futures import Future
+from typing import Any, Callable, NamedTuple, Optional
+
+from ..errors import RPCError
+from .messages import (
+    GloballyUniqueId,
+    Message,
+    RRefChildAccept,
+    RRefForkRequest,
+    RRefUserDelete,
+)
+
+Emit = Callable[[int, Message, Optional[Callable[[Optional[BaseException]], None]]], None]
+
+
+class ForkData(NamedTuple):
+    """What travels in a payload in place of an RRef: enough to rebuild a fork."""
+
+    owner_id: int
+    rref_id: GloballyUniqueId
+    fork_id: GloballyUniqueId
+    parent_id: int
+
+    def to_tuple(self) -> tuple:
+        return (self.owner_id, *self.rref_id, *self.fork_id, self.parent_id)
+
+    @classmethod
+    def from_tuple(cls, t: tuple) -> "ForkData":
+        if not (isinstance(t, tuple) and len(t) == 6 and all(type(x) is int for x in t)):
+            raise RPCError(f"malformed RRef fork data {t!r}")
+        return cls(t[0], GloballyUniqueId(t[1], t[2]), GloballyUniqueId(t[3], t[4]), t[5])
+
+
+class OwnerRRef:
+    """The owner's record of an RRef: its id and its value (or error), maybe not yet set."""
+
+    __slots__ = ("rref_id", "_future", "__weakref__")
+
+    def __init__(self, rref_id: GloballyUniqueId) -> None:
+        self.rref_id = rref_id
+        self._future: Future = Future()
+
+    def set_value(self, value: Any) -> None:
+        self._future.set_result(value)
+
+    def set_error(self, error: BaseException) -> None:
+        self._future.set_exception(error)
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def value(self, timeout: float | None = None) -> Any:
+        """The value, waiting for it if a remote call is still producing it."""
+        return self._future.result(timeout)
+
+    def add_done_callback(self, fn: Callable[["OwnerRRef"], None]) -> None:
+        self._future.add_done_callback(lambda _f: fn(self))
+
+
+class UserRRef:
+    """A fork of an RRef owned elsewhere. Its death (garbage collection) notifies the owner."""
+
+    __slots__ = ("owner_id", "rref_id", "fork_id", "confirmed", "error", "_finalizer", "__weakref__")
+
+    def __init__(self, owner_id: int, rref_id: GloballyUniqueId, fork_id: GloballyUniqueId) -> None:
+        self.owner_id = owner_id
+        self.rref_id = rref_id
+        self.fork_id = fork_id
+        self.confirmed = False
+        #: Set when creating the value failed to reach the owner (timeout, dead owner).
+        self.error: BaseException | None = None
+        self._finalizer: weakref.finalize | None = None
+
+
+class RRefContext:
+    """One worker's RRef tables: owned values, known forks, pending users and children."""
+
+    def __init__(self, worker_id: int, emit: Emit) -> None:
+        self.worker_id = worker_id
+        self._emit = emit
+        self._ids = itertools.count(1)
+        self._lock = threading.RLock()
+        #: owner side: rref id -> OwnerRRef, held while any fork is known
+        self.owners: dict[GloballyUniqueId, OwnerRRef] = {}
+        #: owner side: rref id -> fork ids the owner knows to be alive
+        self.forks: dict[GloballyUniqueId, set[GloballyUniqueId]] = {}
+        #: user side: fork id -> UserRRef waiting for the owner's confirmation (kept alive)
+        self.pending_users: dict[GloballyUniqueId, UserRRef] = {}
+        #: parent side: child fork id -> parent handle kept alive until the child accepts (G2)
+        self.pending_children: dict[GloballyUniqueId, Any] = {}
+        #: user side: confirmed users still alive (weak), for deleting all at shutdown
+        self.confirmed_users: "weakref.WeakValueDictionary[GloballyUniqueId, UserRRef]" = (
+            weakref.WeakValueDictionary()
+        )
+        self._closed = False
+
+    def new_id(self) -> GloballyUniqueId:
+        return GloballyUniqueId(self.worker_id, next(self._ids))
+
+    # --- creation ---------------------------------------------------------------
+
+    def create_owner(self, value: Any) -> OwnerRRef:
+        """An OwnerRRef for a local value (``RRef(value)``); tracked once forked."""
+        owner = OwnerRRef(self.new_id())
+        owner.set_value(value)
+        return owner
+
+    def create_user_for_remote(self, owner_id: int) -> UserRRef:
+        """The caller's UserRRef for a ``remote()`` call, pending until the owner's REMOTE_RET."""
+        user = UserRRef(owner_id, self.new_id(), self.new_id())
+        with self._lock:
+            self.pending_users[user.fork_id] = user
+        return user
+
+    def get_or_create_owner(self, rref_id: GloballyUniqueId) -> OwnerRRef:
+        """The OwnerRRef of ``rref_id``; created empty if a message about it came first."""
+        with self._lock:
+            owner = self.owners.get(rref_id)
+            if owner is None:
+                owner = self.owners[rref_id] = OwnerRRef(rref_id)
+            return owner
+
+    # --- sending an RRef (this worker is the parent) -----------------------------
+
+    def fork_for_send(self, handle: OwnerRRef | UserRRef) -> ForkData:
+        """Make a child fork id for sending ``handle``; record it per G2."""
+        fork_id = self.new_id()
+        with self._lock:
+            if isinstance(handle, OwnerRRef):
+                self.owners[handle.rref_id] = handle
+                self.forks.setdefault(handle.rref_id, set()).add(fork_id)
+                return ForkData(self.worker_id, handle.rref_id, fork_id, self.worker_id)
+            if handle.error is not None:
+                raise RPCError(f"cannot share an RRef whose creation failed: {handle.error}")
+            self.pending_children[fork_id] = handle
+            return ForkData(handle.owner_id, handle.rref_id, fork_id, self.worker_id)
+
+    def cancel_fork(self, fork: ForkData) -> None:
+        """Undo :meth:`fork_for_send` for a message that was never sent."""
+        with self._lock:
+            if fork.owner_id == self.worker_id:
+                self._del_fork(fork.rref_id, fork.fork_id)
+            else:
+                self.pending_children.pop(fork.fork_id, None)
+
+    # --- receiving an RRef (this worker is the child) ----------------------------
+
+    def receive_fork(self, fork: ForkData) -> OwnerRRef | UserRRef:
+        """The handle for a received fork, sending what the protocol asks for."""
+        if fork.owner_id == self.worker_id:
+            owner = self.get_or_create_owner(fork.rref_id)
+            if fork.parent_id == self.worker_id:
+                # sent to ourselves: the fork made at send time has no user behind it
+                with self._lock:
+                    self._del_fork(fork.rref_id, fork.fork_id)
+            else:
+                # the owner already holds the value; the parent may let go of its fork
+                self._emit(fork.parent_id, RRefChildAccept(0, fork.fork_id), None)
+            return owner
+        user = UserRRef(fork.owner_id, fork.rref_id, fork.fork_id)
+        if fork.parent_id == fork.owner_id:
+            # the owner registered this fork when it pickled it
+            self._confirm(user)
+        else:
+            with self._lock:
+                self.pending_users[fork.fork_id] = user
+            self._emit(
+                fork.owner_id,
+                RRefForkRequest(0, fork.rref_id, fork.fork_id),
+                lambda err, fid=fork.fork_id, parent=fork.parent_id: self.finish_fork_request(fid, parent, err),
+            )
+        return user
+
+    def finish_fork_request(
+        self, fork_id: GloballyUniqueId, parent_id: int, error: BaseException | None = None
+    ) -> None:
+        """The owner acknowledged our fork: confirm it and tell the parent (G2)."""
+        with self._lock:
+            user = self.pending_users.pop(fork_id, None)
+        if user is None:
+            return
+        if error is not None:
+            user.error = error
+            return
+        self._confirm(user)
+        if parent_id == self.worker_id:
+            self.on_child_accept(fork_id)
+        else:
+            self._emit(parent_id, RRefChildAccept(0, fork_id), None)
+
+    def confirm_remote_user(self, fork_id: GloballyUniqueId, error: BaseException | None = None) -> None:
+        """The owner answered our ``remote()``: it knows the fork, even if the call raised.
+
+        ``error`` is set only when the owner may never have seen the call (timeout,
+        dead owner); then the user is never confirmed and sends no delete.
+        """
+        with self._lock:
+            user = self.pending_users.pop(fork_id, None)
+        if user is None:
+            return
+        if error is not None:
+            user.error = error
+        else:
+            self._confirm(user)
+
+    def _confirm(self, user: UserRRef) -> None:
+        user.confirmed = True
+        with self._lock:
+            if self._closed:
+                return
+            self.confirmed_users[user.fork_id] = user
+        user._finalizer = weakref.finalize(
+            user, self._emit, user.owner_id, RRefUserDelete(0, user.rref_id, user.fork_id), None
+        )
+        user._finalizer.atexit = False
+
+    # --- owner-side handlers -------------------------------------------------------
+
+    def on_remote_call(self, rref_id: GloballyUniqueId, fork_id: GloballyUniqueId) -> OwnerRRef:
+        """A ``remote()`` arrived: the OwnerRRef to fill, with the caller's fork registered."""
+        with self._lock:
+            owner = self.get_or_create_owner(rref_id)
+            self.forks.setdefault(rref_id, set()).add(fork_id)
+            return owner
+
+    def on_fork_request(self, rref_id: GloballyUniqueId, fork_id: GloballyUniqueId) -> None:
+        with self._lock:
+            self.get_or_create_owner(rref_id)
+            self.forks.setdefault(rref_id, set()).add(fork_id)
+
+    def on_user_delete(self, rref_id: GloballyUniqueId, fork_id: GloballyUniqueId) -> OwnerRRef | None:
+        """A user fork is gone; returns the OwnerRRef if that was the last fork (now released)."""
+        with self._lock:
+            return self._del_fork(rref_id, fork_id)
+
+    def on_child_accept(self, fork_id: GloballyUniqueId) -> None:
+        with self._lock:
+            parent = self.pending_children.pop(fork_id, None)
+        del parent  # may drop the last reference, sending the parent's own delete
+
+    def _del_fork(self, rref_id: GloballyUniqueId, fork_id: GloballyUniqueId) -> OwnerRRef | None:
+        forks = self.forks.get(rref_id)
+        if forks is None:
+            return None
+        forks.discard(fork_id)
+        if forks:
+            return None
+        del self.forks[rref_id]
+        return self.owners.pop(rref_id, None)
+
+    # --- shutdown ----------------------------------------------------------------
+
+    def has_pending(self) -> bool:
+        """Whether forks are still waiting for confirmation or child accepts."""
+        with self._lock:
+            return bool(self.pending_users or self.pending_children)
+
+    def delete_all_users(self) -> None:
+        """Send a delete for every live confirmed user now (graceful shutdown)."""
+        with self._lock:
+            users = list(self.confirmed_users.values())
+            self.confirmed_users.clear()
+            self._closed = True
+        for user in users:
+            fin = user._finalizer
+            if fin is not None and fin.detach() is not None:
+                self._emit(user.owner_id, RRefUserDelete(0, user.rref_id, user.fork_id), None)
+
+    def detach_all(self) -> None:
+        """Forget every user without sending anything (non-graceful shutdown)."""
+        with self._lock:
+            users = list(self.confirmed_users.values())
+            self.confirmed_users.clear()
+            self.pending_users.clear()
+            self.pending_children.clear()
+            self._closed = True
+        for user in users:
+            if user._finalizer is not None:
+                user._finalizer.detach()
+
+    def debug_info(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "num_owner_rrefs": len(self.owners),
+                "num_forks": sum(len(v) for v in self.forks.values()),
+                "num_pending_users": len(self.pending_users),
+                "num_pending_children": len(self.pending_children),
+                "num_confirmed_users": len(self.confirmed_users),
+            }

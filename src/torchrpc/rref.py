@@ -1,0 +1,167 @@
+"""RRef: a reference to a value that lives on one worker (its owner)."""
+from __future__ import annotations
+
+import functools
+from typing import Any, Generic, Optional, TypeVar
+
+import torch
+
+from . import current, serialization
+from .agent import is_async_function
+from .errors import RPCError
+from .functions import async_execution
+from .options import UNSET_RPC_TIMEOUT
+from .protocol.rref_context import ForkData, OwnerRRef, UserRRef
+from .worker_info import WorkerInfo
+
+T = TypeVar("T")
+
+
+class RRef(Generic[T]):
+    """A remote reference, as torch.distributed.rpc.RRef.
+
+    ``RRef(value)`` makes an owner RRef of a local value; ``remote()`` returns a
+    user RRef of a value created on another worker. RRefs may be passed in the
+    arguments and results of RPCs; the owner keeps the value until no RRef to it
+    is alive anywhere.
+    """
+
+    __slots__ = ("_handle", "_created", "__weakref__")
+
+    def __init__(self, value: T, type_hint: Optional[type] = None) -> None:
+        agent = current.agent()
+        self._handle: OwnerRRef | UserRRef = agent.ctx.create_owner(value)
+        self._created: Optional[torch.futures.Future] = None
+
+    @classmethod
+    def _wrap(cls, handle: OwnerRRef | UserRRef, created: Optional[torch.futures.Future] = None) -> "RRef":
+        rref = cls.__new__(cls)
+        rref._handle = handle
+        rref._created = created
+        return rref
+
+    def is_owner(self) -> bool:
+        """Whether this worker holds the value."""
+        return isinstance(self._handle, OwnerRRef)
+
+    def owner(self) -> WorkerInfo:
+        """The WorkerInfo of the owner."""
+        agent = current.agent()
+        if isinstance(self._handle, OwnerRRef):
+            return agent.info
+        return agent.worker_info(self._handle.owner_id)
+
+    def owner_name(self) -> str:
+        """The name of the owner."""
+        return self.owner().name
+
+    def confirmed_by_owner(self) -> bool:
+        """Whether the owner knows of this reference (always True on the owner)."""
+        return isinstance(self._handle, OwnerRRef) or self._handle.confirmed
+
+    def local_value(self) -> T:
+        """The value, on the owner only (waits if a remote() is still producing it)."""
+        if not isinstance(self._handle, OwnerRRef):
+            raise RPCError(f"local_value() may only be called on the owner; this RRef is owned by "
+                           f"{self.owner_name()!r}: use to_here()")
+        return self._handle.value()
+
+    def to_here(self, timeout: float = UNSET_RPC_TIMEOUT) -> T:
+        """A copy of the value, fetched from the owner (the value itself on the owner)."""
+        if isinstance(self._handle, OwnerRRef):
+            return self._handle.value(timeout if timeout and timeout > 0 else None)
+        return current.agent().fetch(self._handle, timeout).wait()
+
+    def rpc_sync(self, timeout: float = UNSET_RPC_TIMEOUT) -> Any:
+        """A proxy: ``rref.rpc_sync().method(*args)`` runs ``method`` on the value, on the owner."""
+        return _Proxy(self, _rpc_sync, timeout)
+
+    def rpc_async(self, timeout: float = UNSET_RPC_TIMEOUT) -> Any:
+        """As :meth:`rpc_sync`, returning a ``torch.futures.Future``."""
+        return _Proxy(self, _rpc_async, timeout)
+
+    def remote(self, timeout: float = UNSET_RPC_TIMEOUT) -> Any:
+        """As :meth:`rpc_sync`, returning an RRef to the result, kept on the owner."""
+        return _Proxy(self, _remote, timeout)
+
+    def _get_future(self) -> torch.futures.Future:
+        """A Future that completes when the owner has created the value (remote() only)."""
+        if self._created is None:
+            fut: torch.futures.Future = torch.futures.Future()
+            fut.set_result(True)
+            return fut
+        return self._created
+
+    def __repr__(self) -> str:
+        h = self._handle
+        if isinstance(h, OwnerRRef):
+            return f"OwnerRRef({h.rref_id!r})"
+        return f"UserRRef(RRefId = {h.rref_id!r}, ForkId = {h.fork_id!r})"
+
+    def __reduce__(self) -> tuple:
+        raise RPCError("an RRef can only be pickled by torchrpc, as an argument or result of an RPC")
+
+
+def _rpc_sync(*args: Any, **kwargs: Any) -> Any:
+    from .api import rpc_sync
+
+    return rpc_sync(*args, **kwargs)
+
+
+def _rpc_async(*args: Any, **kwargs: Any) -> Any:
+    from .api import rpc_async
+
+    return rpc_async(*args, **kwargs)
+
+
+def _remote(*args: Any, **kwargs: Any) -> Any:
+    from .api import remote
+
+    return remote(*args, **kwargs)
+
+
+class _Proxy:
+    __slots__ = ("_rref", "_how", "_timeout")
+
+    def __init__(self, rref: RRef, how: Any, timeout: float) -> None:
+        self._rref = rref
+        self._how = how
+        self._timeout = timeout
+
+    def __getattr__(self, name: str) -> Any:
+        return functools.partial(_invoke, self._rref, self._how, name, self._timeout)
+
+
+def _invoke(rref: RRef, how: Any, name: str, timeout: float, *args: Any, **kwargs: Any) -> Any:
+    return how(rref.owner(), _local_invoke, args=(rref, name, args, kwargs), timeout=timeout)
+
+
+@async_execution
+def _local_invoke(rref: RRef, name: str, args: tuple, kwargs: dict) -> torch.futures.Future:
+    """Runs on the owner: call ``name`` on the value; async_execution methods reply when done."""
+    method = getattr(rref.local_value(), name)
+    if is_async_function(method):
+        return method(*args, **kwargs)
+    fut: torch.futures.Future = torch.futures.Future()
+    try:
+        fut.set_result(method(*args, **kwargs))
+    except BaseException as e:
+        fut.set_exception(e)
+    return fut
+
+
+def _reduce_rref(rref: RRef) -> tuple:
+    session = serialization.current_session()
+    if session is None or not hasattr(session, "fork_rref"):
+        raise RPCError("an RRef can only be pickled by torchrpc, as an argument or result of an RPC")
+    return _rebuild_rref, (session.fork_rref(rref._handle).to_tuple(),)
+
+
+def _rebuild_rref(fork: tuple) -> RRef:
+    session = serialization.current_session()
+    if session is None or not hasattr(session, "rref_from_fork"):
+        raise RPCError("an RRef can only be unpickled by torchrpc, inside an RPC")
+    return RRef._wrap(session.rref_from_fork(ForkData.from_tuple(fork)))
+
+
+serialization.register_reducer(RRef, _reduce_rref)

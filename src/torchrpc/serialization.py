@@ -1,0 +1,135 @@
+"""Pickling of user payloads, with tensors carried as out-of-band buffers.
+
+``dumps`` pickles with protocol 5. A dense CPU tensor is reduced to a
+``PickleBuffer`` over its own memory (no copy when it is contiguous), which
+pickle hands to ``buffer_callback`` instead of writing it into the stream; the
+transport then sends those buffers as they are. ``loads`` rebuilds each tensor
+on the received buffer, which becomes the tensor's storage.
+
+Types that need the RPC machinery to travel (``RRef``) register a reducer with
+:func:`register_reducer`; during ``dumps``/``loads`` they find the agent's
+per-message state through :func:`current_session`.
+"""
+from __future__ import annotations
+
+import copyreg
+import io
+import pickle
+import threading
+from typing import Any, Callable
+
+import torch
+
+from .errors import SerializationError
+from .protocol.messages import Payload
+
+_tls = threading.local()
+
+_dispatch_table: dict = dict(copyreg.dispatch_table)
+
+
+def register_reducer(cls: type, reducer: Callable[[Any], tuple]) -> None:
+    """Pickle instances of exactly ``cls`` with ``reducer`` inside RPC payloads."""
+    _dispatch_table[cls] = reducer
+
+
+class Session:
+    """Per-message hooks the agent gives :func:`dumps` and :func:`loads`.
+
+    The base class does nothing with tensors and refuses RRefs, which can only
+    travel inside an RPC.
+    """
+
+    def on_send_tensor(self, tensor: torch.Tensor) -> None:
+        """Called for each tensor that requires grad as it is pickled."""
+
+    def on_recv_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Called for each received tensor that requires grad; returns the tensor to use."""
+        return tensor
+
+
+def current_session() -> Any:
+    """The object the agent set for the pickling or unpickling now under way, or None."""
+    return getattr(_tls, "session", None)
+
+
+def dumps(obj: Any, session: Any = None) -> Payload:
+    """Pickle ``obj`` into a :class:`Payload`; tensors become out-of-band buffers."""
+    f = io.BytesIO()
+    buffers: list = []
+    p = pickle.Pickler(f, protocol=5, buffer_callback=buffers.append)
+    p.dispatch_table = _dispatch_table
+    prev = getattr(_tls, "session", None)
+    _tls.session = session
+    try:
+        p.dump(obj)
+    except Exception as e:
+        raise SerializationError(f"cannot pickle {_describe(obj)}: {type(e).__name__}: {e}") from e
+    finally:
+        _tls.session = prev
+    return Payload(f.getbuffer(), buffers)
+
+
+def loads(payload: Payload, session: Any = None) -> Any:
+    """Unpickle a :class:`Payload` made by :func:`dumps`."""
+    prev = getattr(_tls, "session", None)
+    _tls.session = session
+    try:
+        return pickle.loads(payload.data, buffers=payload.buffers)
+    finally:
+        _tls.session = prev
+
+
+def _describe(obj: Any) -> str:
+    text = repr(obj)
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+# --- tensors -----------------------------------------------------------------
+
+
+def _reduce_tensor(t: torch.Tensor) -> tuple:
+    if t.layout is not torch.strided or t.device.type != "cpu" or t.is_quantized:
+        return t.__reduce_ex__(2)
+    d = t.detach()
+    if d.is_conj():
+        d = d.resolve_conj()
+    if d.is_neg():
+        d = d.resolve_neg()
+    if not d.is_contiguous():
+        d = d.contiguous()
+    raw = d.reshape(-1).view(torch.uint8).numpy()
+    rebuild = _rebuild_parameter if isinstance(t, torch.nn.Parameter) else _rebuild_tensor
+    session = getattr(_tls, "session", None)
+    if session is not None and t.requires_grad:
+        session.on_send_tensor(t)
+    return rebuild, (pickle.PickleBuffer(raw), t.dtype, tuple(d.shape), t.requires_grad)
+
+
+def _tensor_from_buffer(buf: Any, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
+    mv = memoryview(buf)
+    if mv.nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    if mv.readonly:
+        # torch.frombuffer wants writable memory; a read-only buffer only comes
+        # from an in-band pickle, where a copy is made anyway.
+        mv = memoryview(bytearray(mv))
+    return torch.frombuffer(mv, dtype=torch.uint8).view(dtype).view(shape)
+
+
+def _rebuild_tensor(buf: Any, dtype: torch.dtype, shape: tuple, requires_grad: bool) -> torch.Tensor:
+    t = _tensor_from_buffer(buf, dtype, shape)
+    session = getattr(_tls, "session", None)
+    if requires_grad:
+        t.requires_grad_(True)
+        if session is not None:
+            t = session.on_recv_tensor(t)
+    return t
+
+
+def _rebuild_parameter(buf: Any, dtype: torch.dtype, shape: tuple, requires_grad: bool) -> torch.Tensor:
+    return torch.nn.Parameter(_tensor_from_buffer(buf, dtype, shape), requires_grad=requires_grad)
+
+
+register_reducer(torch.Tensor, _reduce_tensor)
+register_reducer(torch.nn.Parameter, _reduce_tensor)

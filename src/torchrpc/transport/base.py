@@ -1,0 +1,80 @@
+"""The transport interface: a connection moves frames (lists of buffers) between two processes.
+
+A transport registers a scheme ("tcp", later "shm", "tls"); :func:`listen` and
+:func:`connect` pick it from the address (``"tcp://127.0.0.1:29500"``). The
+agent never sees sockets, and nothing here knows what a frame means.
+"""
+from __future__ import annotations
+
+import abc
+from typing import Callable, Sequence
+
+
+class ConnectionClosed(ConnectionError):
+    """The connection was closed, by either side, or broke."""
+
+
+class Connection(abc.ABC):
+    """A bidirectional, ordered, reliable channel of frames to one peer."""
+
+    #: The address of the other end, for messages.
+    peer: str = "?"
+
+    @abc.abstractmethod
+    def send(self, frame: Sequence) -> None:
+        """Send one frame. Thread-safe; frames from concurrent senders never interleave."""
+
+    @abc.abstractmethod
+    def recv(self) -> list:
+        """Block until the next frame arrives; raise :class:`ConnectionClosed` at the end."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Close both directions; a blocked ``recv`` in another thread returns with ConnectionClosed."""
+
+
+class Listener(abc.ABC):
+    """Accepts connections at :attr:`address`."""
+
+    address: str
+
+    @abc.abstractmethod
+    def accept(self) -> Connection:
+        """Block until a peer connects; raise :class:`ConnectionClosed` once closed."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stop accepting; a blocked ``accept`` returns with ConnectionClosed."""
+
+
+_schemes: dict[str, tuple[Callable[[str], Listener], Callable[[str, float], Connection]]] = {}
+
+
+def register_scheme(
+    scheme: str,
+    listen: Callable[[str], Listener],
+    connect: Callable[[str, float], Connection],
+) -> None:
+    """Make ``scheme://`` addresses use these functions."""
+    _schemes[scheme] = (listen, connect)
+
+
+def _split(address: str) -> tuple[tuple, str]:
+    scheme, sep, rest = address.partition("://")
+    if not sep:
+        raise ValueError(f"transport address {address!r} has no scheme (e.g. 'tcp://host:port')")
+    if scheme not in _schemes:
+        raise ValueError(f"unknown transport scheme {scheme!r} in {address!r}; known: {sorted(_schemes)}")
+    return _schemes[scheme], rest
+
+
+def listen(address: str) -> Listener:
+    """Listen at ``address``; a port of 0 picks a free one (see ``Listener.address``)."""
+    (fn, _), rest = _split(address)
+    return fn(rest)
+
+
+def connect(address: str, timeout: float = 30.0) -> Connection:
+    """Connect to a listener at ``address``, trying for up to ``timeout`` seconds."""
+    (_, fn), rest = _split(address)
+    return fn(rest, timeout)

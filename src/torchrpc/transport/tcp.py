@@ -1,0 +1,179 @@
+"""TCP transport: one socket per connection, frames with a length prefix.
+
+Frame layout: ``u32 count`` then ``count`` × ``u64 length`` (little-endian), then
+the buffers back to back. Sends gather all buffers in one ``sendmsg`` (no join,
+so tensor memory goes to the kernel straight from its storage); receives read
+each buffer into its own freshly allocated ``bytearray``, which the
+deserializer then uses as tensor storage.
+"""
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from typing import Sequence
+
+from .base import Connection, ConnectionClosed, Listener, register_scheme
+
+_COUNT = struct.Struct("<I")
+_IOV_MAX = 512
+#: Frames claiming more buffers, or more bytes, than this are rejected before any allocation.
+MAX_BUFFERS = 1 << 16
+MAX_FRAME_BYTES = 1 << 40
+
+
+def _parse(hostport: str) -> tuple[str, int]:
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"TCP address {hostport!r} is not host:port")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _views(frame: Sequence) -> list[memoryview]:
+    views = []
+    for b in frame:
+        v = memoryview(b)
+        if v.ndim != 1 or v.format != "B":
+            v = v.cast("B")
+        if v.nbytes:
+            views.append(v)
+    return views
+
+
+class TCPConnection(Connection):
+    def __init__(self, sock: socket.socket, peer: str) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(None)
+        self._sock = sock
+        self._rfile = sock.makefile("rb", buffering=1 << 16)
+        self._send_lock = threading.Lock()
+        self._closed = False
+        self.peer = peer
+
+    def send(self, frame: Sequence) -> None:
+        views = _views(frame)
+        # zero-length buffers are kept in the count so the receiver sees them
+        lengths = [memoryview(b).nbytes for b in frame]
+        views.insert(0, memoryview(struct.pack(f"<I{len(lengths)}Q", len(lengths), *lengths)))
+        with self._send_lock:
+            if self._closed:
+                raise ConnectionClosed(f"connection to {self.peer} is closed")
+            try:
+                if sum(v.nbytes for v in views) <= 65536 and len(views) <= 8:
+                    self._sock.sendall(b"".join(views))
+                else:
+                    self._sendmsg_all(views)
+            except OSError as e:
+                raise ConnectionClosed(f"send to {self.peer} failed: {e}") from e
+
+    def _sendmsg_all(self, views: list[memoryview]) -> None:
+        sock = self._sock
+        while views:
+            n = sock.sendmsg(views[:_IOV_MAX])
+            while n:
+                first = views[0]
+                if n >= first.nbytes:
+                    n -= first.nbytes
+                    views.pop(0)
+                else:
+                    views[0] = first[n:]
+                    n = 0
+
+    def _read_exact(self, buf: memoryview) -> None:
+        rfile = self._rfile
+        got = 0
+        total = buf.nbytes
+        while got < total:
+            try:
+                n = rfile.readinto(buf[got:])
+            except (OSError, ValueError) as e:
+                raise ConnectionClosed(f"connection to {self.peer} broke: {e}") from e
+            if not n:
+                raise ConnectionClosed(f"connection to {self.peer} closed")
+            got += n
+
+    def recv(self) -> list:
+        head = bytearray(4)
+        self._read_exact(memoryview(head))
+        (count,) = _COUNT.unpack(head)
+        if count > MAX_BUFFERS:
+            raise ConnectionClosed(f"frame from {self.peer} claims {count} buffers; closing")
+        lens_raw = bytearray(8 * count)
+        self._read_exact(memoryview(lens_raw))
+        lengths = struct.unpack(f"<{count}Q", lens_raw)
+        if sum(lengths) > MAX_FRAME_BYTES:
+            raise ConnectionClosed(f"frame from {self.peer} claims {sum(lengths)} bytes; closing")
+        frame = []
+        for n in lengths:
+            b = bytearray(n)
+            if n:
+                self._read_exact(memoryview(b))
+            frame.append(b)
+        return frame
+
+    def close(self) -> None:
+        with_lock = self._send_lock.acquire(timeout=1.0)
+        try:
+            self._closed = True
+        finally:
+            if with_lock:
+                self._send_lock.release()
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+
+
+class TCPListener(Listener):
+    def __init__(self, hostport: str) -> None:
+        host, port = _parse(hostport)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._sock = socket.socket(family, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, port))
+        self._sock.listen(128)
+        bound = self._sock.getsockname()
+        shown = f"[{host}]" if family == socket.AF_INET6 else host
+        self.address = f"tcp://{shown}:{bound[1]}"
+        self._closed = False
+
+    def accept(self) -> Connection:
+        try:
+            sock, addr = self._sock.accept()
+        except OSError as e:
+            raise ConnectionClosed(f"listener {self.address} closed") from e
+        if self._closed:
+            sock.close()
+            raise ConnectionClosed(f"listener {self.address} closed")
+        return TCPConnection(sock, f"tcp://{addr[0]}:{addr[1]}")
+
+    def close(self) -> None:
+        self._closed = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+
+
+def _connect(hostport: str, timeout: float) -> Connection:
+    host, port = _parse(hostport)
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        try:
+            sock = socket.create_connection((host, port), timeout=max(0.1, deadline - time.monotonic()))
+            return TCPConnection(sock, f"tcp://{hostport}")
+        except OSError as e:
+            if time.monotonic() + delay >= deadline:
+                raise ConnectionClosed(f"could not connect to tcp://{hostport}: {e}") from e
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
+register_scheme("tcp", TCPListener, _connect)
