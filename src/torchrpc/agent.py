@@ -44,6 +44,9 @@ from .transport import Connection, ConnectionClosed, connect, listen
 from .worker_info import WorkerInfo
 
 log = logging.getLogger("torchrpc")
+import os as _os
+if _os.environ.get("TORCHRPC_DEBUG"):
+    logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(threadName)s %(message)s")
 
 _tls = threading.local()
 
@@ -66,24 +69,48 @@ class _Pending:
 
 
 class _Pool:
-    """Fixed threads that run queued callables; ``stop`` runs what is queued, then joins."""
+    """Threads that run queued callables; ``stop`` runs what is queued, then joins.
 
-    def __init__(self, size: int, name: str) -> None:
+    Starts ``size`` threads and adds one whenever work is queued while none is idle
+    (up to ``max_size``): user functions that block in nested RPCs then cannot
+    starve the pool into a deadlock, however deep the nesting.
+    """
+
+    def __init__(self, size: int, name: str, max_size: int = 1024) -> None:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._threads = [
-            threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True) for i in range(size)
-        ]
-        for t in self._threads:
-            t.start()
+        self._name = name
+        self._max = max(size, max_size)
+        self._lock = threading.Lock()
+        self._idle = 0
+        self._threads: list[threading.Thread] = []
+        for _ in range(size):
+            self._spawn()
+
+    def _spawn(self, counted_idle: bool = False) -> None:
+        t = threading.Thread(target=self._run, args=(counted_idle,), name=f"{self._name}-{len(self._threads)}",
+                             daemon=True)
+        self._threads.append(t)
+        t.start()
 
     def submit(self, fn: Callable, *args: Any) -> None:
         self._queue.put((fn, args))
+        if self._idle <= 0 and len(self._threads) < self._max:
+            with self._lock:
+                if self._idle <= 0 and len(self._threads) < self._max:
+                    self._idle += 1  # the new thread counts as idle until it takes work
+                    self._spawn(counted_idle=True)
 
-    def _run(self) -> None:
+    def _run(self, counted_idle: bool) -> None:
         _tls.in_pool = True
-        get = self._queue.get
+        get, lock = self._queue.get, self._lock
         while True:
+            if not counted_idle:
+                with lock:
+                    self._idle += 1
+            counted_idle = False
             item = get()
+            with lock:
+                self._idle -= 1
             if item is None:
                 return
             fn, args = item
@@ -94,12 +121,15 @@ class _Pool:
             del item, fn, args
 
     def stop(self, timeout: float = 10.0) -> None:
-        for _ in self._threads:
+        with self._lock:
+            threads = list(self._threads)
+            self._max = 0  # no more growth
+        for _ in threads:
             self._queue.put(None)
-        if threading.current_thread() in self._threads:
-            return
-        for t in self._threads:
-            t.join(timeout)
+        me = threading.current_thread()
+        for t in threads:
+            if t is not me:
+                t.join(timeout)
 
 
 class _SendSession(serialization.Session):
@@ -195,8 +225,10 @@ class Agent:
             if dupes:
                 raise ValueError(f"worker names must be unique; {dupes} used by ranks "
                                  f"{[r for r, n in enumerate(names) if n in dupes]}")
-            self.workers = [WorkerInfo(n, r) for r, n in enumerate(names)]
-            self._by_name = {w.name: w for w in self.workers}
+            with self._conn_ready:
+                self.workers = [WorkerInfo(n, r) for r, n in enumerate(names)]
+                self._by_name = {w.name: w for w in self.workers}
+                self._conn_ready.notify_all()  # the acceptor may be waiting for the names
             for peer in range(self.rank):
                 conn = connect(infos[peer]["address"], timeout)
                 conn.send(m.Hello(0, self.rank, self.name).encode())
@@ -289,7 +321,7 @@ class Agent:
             # to ourselves: copy, as the wire would, and dispatch in this thread
             self._dispatch(dest, [bytearray(b) for b in frame])
             return
-        conn = self._conns.get(dest)
+        conn = self._conns.get(dest) or self._await_connection(dest)
         if conn is None:
             why = self._dead.get(dest, "not connected")
             raise WorkerUnavailableError(f"worker {self.workers[dest].name!r} (id {dest}) is unavailable: {why}")
@@ -298,7 +330,14 @@ class Agent:
         except ConnectionClosed as e:
             raise WorkerUnavailableError(f"worker {self.workers[dest].name!r} (id {dest}) is unavailable: {e}") from e
 
-    def _request(self, dest: int, msg: m.Message, timeout: float, desc: str, callback: ReplyCallback) -> None:
+    def _await_connection(self, dest: int) -> Optional[Connection]:
+        """During start-up a peer may call us before every peer has connected: wait for it."""
+        with self._conn_ready:
+            self._conn_ready.wait_for(
+                lambda: dest in self._conns or dest in self._dead or self._closed, self.rpc_timeout or 300.0)
+            return self._conns.get(dest)
+
+    def _request(self, dest: int, msg: m.Message, timeout: float, desc: str, callback: ReplyCallback) -> int:
         """Send a request; ``callback(reply, error)`` runs exactly once (reply, timeout or failure)."""
         msg_id = msg.msg_id = next(self._ids)
         deadline = time.monotonic() + timeout if timeout > 0 else 0.0
@@ -311,6 +350,13 @@ class Agent:
         except BaseException:
             self._pending.pop(msg_id, None)
             raise
+        return msg_id
+
+    def _fail(self, msg_id: int, error: BaseException) -> None:
+        """Fail a pending request now, unless its reply already came."""
+        p = self._pending.pop(msg_id, None)
+        if p is not None:
+            p.callback(None, error)
 
     def call(self, to: Any, func: Callable, args: tuple, kwargs: dict, timeout: float) -> torch.futures.Future:
         """Run ``func(*args, **kwargs)`` on worker ``to``; a Future of its result."""
@@ -408,8 +454,12 @@ class Agent:
             owner.set_value(value)
             created.set_result(True)
 
-    def fetch(self, user: UserRRef, timeout: float) -> torch.futures.Future:
-        """The value of a UserRRef from its owner (``to_here``)."""
+    def fetch(self, user: UserRRef, timeout: float, created: Optional[torch.futures.Future] = None) -> torch.futures.Future:
+        """The value of a UserRRef from its owner (``to_here``).
+
+        ``created`` is the Future of the remote() that makes the value: if that
+        fails (an error, a timeout), the fetch fails with its error at once.
+        """
         self._check_open()
         timeout = self._timeout(timeout)
         fut: torch.futures.Future = torch.futures.Future()
@@ -430,7 +480,15 @@ class Agent:
                     error = self._reply_error(reply, dest)
             fut.set_exception(error)
 
-        self._request(dest, m.RRefFetchCall(0, user.rref_id), timeout, "RRef.to_here", on_reply)
+        msg_id = self._request(dest, m.RRefFetchCall(0, user.rref_id), timeout, "RRef.to_here", on_reply)
+        if created is not None:
+            def creation_done(f: torch.futures.Future) -> None:
+                try:
+                    f.wait()
+                except BaseException as e:
+                    self._fail(msg_id, e)
+
+            created.add_done_callback(creation_done)
         return fut
 
     def _emit(self, dest: int, msg: m.Message, on_done: Optional[Callable[[Optional[BaseException]], None]]) -> None:
@@ -501,8 +559,10 @@ class Agent:
 
     def _on_connection_lost(self, peer: int, conn: Connection, reason: str) -> None:
         conn.close()
-        if self._conns.get(peer) is conn:
-            del self._conns[peer]
+        with self._conn_ready:
+            if self._conns.get(peer) is conn:
+                del self._conns[peer]
+            self._conn_ready.notify_all()
         if self._closing and self._closed:
             return
         name = self.workers[peer].name if peer < len(self.workers) else str(peer)
@@ -513,6 +573,16 @@ class Agent:
         for msg_id, p in list(self._pending.items()):
             if p.dest == peer and self._pending.pop(msg_id, None) is not None:
                 p.callback(None, WorkerUnavailableError(f"{err} (while waiting for {p.desc})"))
+
+    def stats(self, peer: int) -> dict[str, int]:
+        """Messages and bytes exchanged with ``peer`` over its current connection."""
+        conn = self._conns.get(peer)
+        return {
+            "msgs_sent": conn.frames_sent if conn else 0,
+            "bytes_sent": conn.bytes_sent if conn else 0,
+            "msgs_received": conn.frames_received if conn else 0,
+            "bytes_received": conn.bytes_received if conn else 0,
+        }
 
     def is_alive(self, peer: int) -> bool:
         return peer == self.rank or peer not in self._dead
@@ -589,7 +659,7 @@ class Agent:
         if not is_async_function(func):
             done(result, None)
             return
-        if not isinstance(result, torch.futures.Future):
+        if not isinstance(result, torch._C.Future):  # Future.then() returns the C base class
             done(None, TypeError(f"async_execution function {func_name(func)} must return a "
                                  f"torch.futures.Future, not {type(result).__name__}"))
             return
@@ -694,7 +764,9 @@ class Agent:
         if not graceful:
             self._close(graceful=False)
             return
-        budget = timeout if timeout and timeout > 0 else (self.rpc_timeout or float("inf"))
+        # like torch, wait for every worker to arrive however long that takes; dead peers
+        # are skipped, so this cannot hang on a worker that is gone
+        budget = timeout if timeout and timeout > 0 else float("inf")
         deadline = time.monotonic() + budget
         store, ranks = self._rv.store, range(self.world_size)
         try:
@@ -705,10 +777,19 @@ class Agent:
             self.ctx.delete_all_users()
             self._wait_quiet(deadline, "deleting RRefs")
             rdzv.barrier(store, "shutdown/done", self.rank, ranks, max(0.0, deadline - time.monotonic()), self.is_alive)
-            store.set(f"barrier/shutdown/exit/{self.rank}", b"1")
+            # Rank 0 hosts the store: it closes it once everyone is past using it, then
+            # closes its connections. The others wait for that, since a new init_rpc on
+            # the same port must not find the old store.
             if self.rank == 0:
-                # rank 0 hosts the store: it goes last, once no one needs the store
                 rdzv.barrier(store, "shutdown/exit", self.rank, ranks, max(1.0, deadline - time.monotonic()), self.is_alive)
+                del store
+                self._rv = None  # type: ignore[assignment]
+            else:
+                store.set(f"barrier/shutdown/exit/{self.rank}", b"1")
+                del store
+                self._rv = None  # type: ignore[assignment]
+                with self._conn_ready:
+                    self._conn_ready.wait_for(lambda: 0 not in self._conns, 10.0)
         finally:
             self._close(graceful=True)
 

@@ -41,8 +41,13 @@ def init_rpc(
             raise RPCError("RPC is already initialized on this process; call shutdown() first")
         rv = rdzv.rendezvous(options.init_method, rank, world_size, options.rpc_timeout or 300.0)
         agent = Agent(name, rv.rank, rv.world_size, options, rv)
-        agent.start()
+        # current before start: peers that finish first may already call into us
         current.set_agent(agent)
+        try:
+            agent.start()
+        except BaseException:
+            current.set_agent(None)
+            raise
 
 
 def shutdown(graceful: bool = True, timeout: float = DEFAULT_SHUTDOWN_TIMEOUT) -> None:

@@ -142,3 +142,4 @@ def barrier(
         time.sleep(delay)
         delay = min(delay * 2, 0.02)
     return gone
+

@@ -70,7 +70,7 @@ class RRef(Generic[T]):
         """A copy of the value, fetched from the owner (the value itself on the owner)."""
         if isinstance(self._handle, OwnerRRef):
             return self._handle.value(timeout if timeout and timeout > 0 else None)
-        return current.agent().fetch(self._handle, timeout).wait()
+        return current.agent().fetch(self._handle, timeout, self._created).wait()
 
     def rpc_sync(self, timeout: float = UNSET_RPC_TIMEOUT) -> Any:
         """A proxy: ``rref.rpc_sync().method(*args)`` runs ``method`` on the value, on the owner."""

@@ -19,6 +19,11 @@ class Connection(abc.ABC):
 
     #: The address of the other end, for messages.
     peer: str = "?"
+    #: Traffic counters, kept by the transport.
+    frames_sent: int = 0
+    bytes_sent: int = 0
+    frames_received: int = 0
+    bytes_received: int = 0
 
     @abc.abstractmethod
     def send(self, frame: Sequence) -> None:

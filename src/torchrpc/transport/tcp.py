@@ -50,6 +50,7 @@ class TCPConnection(Connection):
         self._send_lock = threading.Lock()
         self._closed = False
         self.peer = peer
+        self.frames_sent = self.bytes_sent = self.frames_received = self.bytes_received = 0
 
     def send(self, frame: Sequence) -> None:
         views = _views(frame)
@@ -59,6 +60,8 @@ class TCPConnection(Connection):
         with self._send_lock:
             if self._closed:
                 raise ConnectionClosed(f"connection to {self.peer} is closed")
+            self.frames_sent += 1
+            self.bytes_sent += sum(lengths)
             try:
                 if sum(v.nbytes for v in views) <= 65536 and len(views) <= 8:
                     self._sock.sendall(b"".join(views))
@@ -110,6 +113,8 @@ class TCPConnection(Connection):
             if n:
                 self._read_exact(memoryview(b))
             frame.append(b)
+        self.frames_received += 1
+        self.bytes_received += sum(lengths)
         return frame
 
     def close(self) -> None:
