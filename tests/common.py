@@ -147,6 +147,21 @@ def wait_live(n, timeout=5.0):
             _live_cv.wait(0.05)
 
 
+def _arrive_slowly(seconds):
+    time.sleep(seconds)
+    return "slow"
+
+
+class SlowToUnpickle:
+    """Unpickling this takes ``seconds``: whatever follows it in a payload is seen that much later."""
+
+    def __init__(self, seconds=0.05):
+        self.seconds = seconds
+
+    def __reduce__(self):
+        return (_arrive_slowly, (self.seconds,))
+
+
 _held: dict = {}
 
 

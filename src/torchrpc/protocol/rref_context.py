@@ -21,10 +21,9 @@ from __future__ import annotations
 import itertools
 import threading
 import weakref
-from concurrent.futures import Future
 from typing import Any, Callable, NamedTuple, Optional
 
-from ..errors import RPCError
+from ..errors import RPCError, RPCTimeoutError
 from .messages import (
     GloballyUniqueId,
     Message,
@@ -55,29 +54,56 @@ class ForkData(NamedTuple):
 
 
 class OwnerRRef:
-    """The owner's record of an RRef: its id and its value (or error), maybe not yet set."""
+    """The owner's record of an RRef: its id and its value (or error), maybe not yet set.
 
-    __slots__ = ("rref_id", "_future", "__weakref__")
+    Callbacks are dropped once run, so a pending fetch leaves no reference cycle that
+    would keep the value alive until the next garbage collection.
+    """
+
+    __slots__ = ("rref_id", "_lock", "_event", "_value", "_error", "_callbacks", "__weakref__")
 
     def __init__(self, rref_id: GloballyUniqueId) -> None:
         self.rref_id = rref_id
-        self._future: Future = Future()
+        self._lock = threading.Lock()
+        self._event = threading.Event()
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._callbacks: list[Callable[["OwnerRRef"], None]] = []
+
+    def _set(self, value: Any, error: BaseException | None) -> None:
+        with self._lock:
+            if self._event.is_set():
+                raise RPCError(f"the value of RRef {self.rref_id} was already set")
+            self._value, self._error = value, error
+            self._event.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            fn(self)
 
     def set_value(self, value: Any) -> None:
-        self._future.set_result(value)
+        self._set(value, None)
 
     def set_error(self, error: BaseException) -> None:
-        self._future.set_exception(error)
+        self._set(None, error)
 
     def done(self) -> bool:
-        return self._future.done()
+        return self._event.is_set()
 
     def value(self, timeout: float | None = None) -> Any:
         """The value, waiting for it if a remote call is still producing it."""
-        return self._future.result(timeout)
+        if not self._event.wait(timeout):
+            raise RPCTimeoutError(f"the value of RRef {self.rref_id} was not ready within {timeout:g} s")
+        if self._error is not None:
+            raise self._error
+        return self._value
 
     def add_done_callback(self, fn: Callable[["OwnerRRef"], None]) -> None:
-        self._future.add_done_callback(lambda _f: fn(self))
+        """Call ``fn(self)`` once the value is set (now, if it is)."""
+        with self._lock:
+            if not self._event.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self)
 
 
 class UserRRef:
