@@ -758,40 +758,50 @@ class Agent:
             delay = min(delay * 2, 0.01)
 
     def shutdown(self, graceful: bool = True, timeout: float = 0) -> None:
-        """Stop this worker; if graceful, first wait for every worker's outstanding work."""
+        """Stop this worker; if graceful, first wait for every worker's outstanding work.
+
+        Like torch, a graceful shutdown waits for every worker to arrive, however long
+        that takes (``timeout`` > 0 bounds it); workers that died are skipped, so it
+        cannot hang on one that is gone.
+        """
         if self._closed:
             return
-        if not graceful:
-            self._close(graceful=False)
-            return
-        # like torch, wait for every worker to arrive however long that takes; dead peers
-        # are skipped, so this cannot hang on a worker that is gone
-        budget = timeout if timeout and timeout > 0 else float("inf")
-        deadline = time.monotonic() + budget
-        store, ranks = self._rv.store, range(self.world_size)
         try:
-            self._wait_quiet(deadline, "finishing this worker's calls")
-            rdzv.barrier(store, "shutdown/drained", self.rank, ranks, max(0.0, deadline - time.monotonic()), self.is_alive)
-            self._closing = True
-            self._wait_quiet(deadline, "finishing RRef confirmations")
-            self.ctx.delete_all_users()
-            self._wait_quiet(deadline, "deleting RRefs")
-            rdzv.barrier(store, "shutdown/done", self.rank, ranks, max(0.0, deadline - time.monotonic()), self.is_alive)
-            # Rank 0 hosts the store: it closes it once everyone is past using it, then
-            # closes its connections. The others wait for that, since a new init_rpc on
-            # the same port must not find the old store.
-            if self.rank == 0:
-                rdzv.barrier(store, "shutdown/exit", self.rank, ranks, max(1.0, deadline - time.monotonic()), self.is_alive)
-                del store
-                self._rv = None  # type: ignore[assignment]
-            else:
-                store.set(f"barrier/shutdown/exit/{self.rank}", b"1")
-                del store
-                self._rv = None  # type: ignore[assignment]
-                with self._conn_ready:
-                    self._conn_ready.wait_for(lambda: 0 not in self._conns, 10.0)
+            if graceful:
+                budget = timeout if timeout and timeout > 0 else float("inf")
+                self._coordinate_shutdown(time.monotonic() + budget)
+        except RuntimeError as e:
+            if self.is_alive(0) or isinstance(e, (TimeoutError, RPCError)):
+                raise
+            log.warning("torchrpc %s: rank 0, which hosts the store, is gone (%s); closing without the "
+                        "others", self.name, e)
         finally:
-            self._close(graceful=True)
+            self._close(graceful=graceful)
+
+    def _coordinate_shutdown(self, deadline: float) -> None:
+        def left() -> float:
+            return max(0.0, deadline - time.monotonic())
+
+        store, ranks = self._rv.store, range(self.world_size)
+        self._wait_quiet(deadline, "finishing this worker's calls")
+        rdzv.barrier(store, "shutdown/drained", self.rank, ranks, left(), self.is_alive)
+        self._closing = True
+        self._wait_quiet(deadline, "finishing RRef confirmations")
+        self.ctx.delete_all_users()
+        self._wait_quiet(deadline, "deleting RRefs")
+        rdzv.barrier(store, "shutdown/done", self.rank, ranks, left(), self.is_alive)
+        # Rank 0 hosts the store: it closes it once everyone is past using it, then
+        # closes its connections. The others wait for that, since a new init_rpc on
+        # the same port must not find the old store.
+        if self.rank == 0:
+            rdzv.barrier(store, "shutdown/exit", self.rank, ranks, max(1.0, left()), self.is_alive)
+        else:
+            store.set(f"barrier/shutdown/exit/{self.rank}", b"1")
+        del store
+        self._rv = None  # type: ignore[assignment]  # drops the store (rank 0: stops its server)
+        if self.rank != 0:
+            with self._conn_ready:
+                self._conn_ready.wait_for(lambda: 0 not in self._conns, min(10.0, left()))
 
     def _close(self, graceful: bool) -> None:
         self._closing = True

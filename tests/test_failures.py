@@ -1,0 +1,96 @@
+"""A worker that dies: its peers' pending calls fail fast, naming it, and the rest carry on."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import torchrpc as rpc
+from common import add, init, make_tracked, sleep_then, whoami
+from harness import KILLED, get_context, start_workers
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def _survivor(rank, world_size, ready, killed):
+    init(rank, world_size, rpc_timeout=60)  # far longer than the 5 s the failures must take
+    out = {}
+    if rank == 0:
+        futs = [rpc.rpc_async("worker1", sleep_then, args=(50, i)) for i in range(3)]
+        rref = rpc.remote("worker1", sleep_then, args=(50, "never"))
+        ready.set()
+        killed.wait(30)
+        t0 = time.monotonic()
+        errors = []
+        for f in futs:
+            try:
+                f.wait()
+                errors.append("no error")
+            except RuntimeError as e:
+                errors.append(str(e))
+        try:
+            rref.to_here()
+        except RuntimeError as e:
+            errors.append(str(e))
+        out["errors"] = errors
+        out["took"] = time.monotonic() - t0
+        t0 = time.monotonic()
+        try:
+            rpc.rpc_sync("worker1", add, args=(1, 1))
+        except RuntimeError as e:
+            out["new_call"] = (str(e), time.monotonic() - t0)
+        # the others keep working among themselves, RRefs included
+        out["others"] = (rpc.rpc_sync("worker2", whoami), rpc.remote("worker2", make_tracked, args=("x",)).to_here().tag)
+    elif rank == 1:
+        ready.wait(30)
+        time.sleep(60)  # killed by the test meanwhile
+    else:
+        ready.wait(30)
+        killed.wait(30)
+    rpc.shutdown()  # graceful; must not wait for the dead worker
+    return out
+
+
+def test_dead_worker_fails_pending_futures_within_5s_and_others_carry_on():
+    ctx = get_context()
+    ready, killed = ctx.Event(), ctx.Event()
+    with start_workers(_survivor, 3, args=(ready, killed)) as group:
+        assert ready.wait(30)
+        time.sleep(0.2)
+        group.kill(1)
+        killed.set()
+        results = group.join(60)
+    out = results[0]
+    assert results[1] is KILLED
+    assert len(out["errors"]) == 4
+    for e in out["errors"]:
+        assert "worker1" in e and "gone" in e, e
+    assert out["took"] < 5.0
+    msg, took = out["new_call"]
+    assert "worker1" in msg and took < 1.0
+    assert out["others"] == ("worker2", "x")
+
+
+def _caller_dies(rank, world_size, ready):
+    init(rank, world_size)
+    if rank == 0:
+        # a call in flight on worker1 when its caller disappears: worker1 must go on serving
+        rpc.rpc_async("worker1", sleep_then, args=(0.5, "late"))
+        ready.set()
+        time.sleep(60)
+    else:
+        ready.wait(30)
+        time.sleep(1.0)  # the reply to worker0 fails; that must not break worker1 or worker2
+        out = rpc.rpc_sync(f"worker{3 - rank}", whoami)
+        rpc.shutdown()
+        return out
+
+
+def test_worker_survives_its_caller_dying():
+    ready = get_context().Event()
+    with start_workers(_caller_dies, 3, args=(ready,)) as group:
+        assert ready.wait(30)
+        time.sleep(0.1)
+        group.kill(0)
+        results = group.join(60)
+    assert results == [KILLED, "worker2", "worker1"]
