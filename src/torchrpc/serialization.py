@@ -128,7 +128,11 @@ def _rebuild_tensor(buf: Any, dtype: torch.dtype, shape: tuple, requires_grad: b
 
 
 def _rebuild_parameter(buf: Any, dtype: torch.dtype, shape: tuple, requires_grad: bool) -> torch.Tensor:
-    return torch.nn.Parameter(_tensor_from_buffer(buf, dtype, shape), requires_grad=requires_grad)
+    p = torch.nn.Parameter(_tensor_from_buffer(buf, dtype, shape), requires_grad=requires_grad)
+    session = getattr(_tls, "session", None)
+    if requires_grad and session is not None:
+        return session.on_recv_tensor(p)
+    return p
 
 
 register_reducer(torch.Tensor, _reduce_tensor)

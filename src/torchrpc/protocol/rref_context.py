@@ -50,6 +50,9 @@ class ForkData(NamedTuple):
     def from_tuple(cls, t: tuple) -> "ForkData":
         if not (isinstance(t, tuple) and len(t) == 6 and all(type(x) is int for x in t)):
             raise RPCError(f"malformed RRef fork data {t!r}")
+        worker_ids, local_ids = (t[0], t[1], t[3], t[5]), (t[2], t[4])
+        if not (all(0 <= w < 1 << 32 for w in worker_ids) and all(0 <= i < 1 << 64 for i in local_ids)):
+            raise RPCError(f"RRef fork data {t!r} has ids out of range")
         return cls(t[0], GloballyUniqueId(t[1], t[2]), GloballyUniqueId(t[3], t[4]), t[5])
 
 
