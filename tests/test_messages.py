@@ -1,0 +1,321 @@
+"""Unit tests of the wire messages (src/torchrpc/protocol/messages.py).
+
+No sockets: the "wire" is simulated by turning every buffer of a frame into a
+fresh ``bytearray``, which is what the TCP transport hands to ``decode``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from torchrpc.errors import ProtocolError, RPCError
+from torchrpc.protocol import messages as m
+from torchrpc.protocol.messages import GloballyUniqueId as Gid
+
+pytestmark = pytest.mark.timeout(60)
+
+U32 = 2**32 - 1
+U64 = 2**64 - 1
+
+
+def wire(frame):
+    """What arrives on the other side: every buffer as its own bytearray."""
+    return [bytearray(b) for b in frame]
+
+
+def roundtrip(msg):
+    frame = msg.encode()
+    assert isinstance(frame, list)
+    for b in frame:
+        memoryview(b)  # every element supports the buffer protocol
+    return m.decode(wire(frame))
+
+
+def payload(data=b"pickle-stream", buffers=(b"tensor-0", b"", bytearray(b"tensor-2" * 100))):
+    return m.Payload(data, list(buffers))
+
+
+def assert_same_payload(got: m.Payload, want: m.Payload):
+    assert bytes(got.data) == bytes(want.data)
+    assert len(got.buffers) == len(want.buffers)
+    for g, w in zip(got.buffers, want.buffers):
+        assert bytes(g) == bytes(w)
+
+
+def assert_same_message(got, want):
+    assert type(got) is type(want)
+    for f in dataclasses.fields(want):
+        g, w = getattr(got, f.name), getattr(want, f.name)
+        if isinstance(w, m.Payload):
+            assert isinstance(g, m.Payload)
+            assert_same_payload(g, w)
+        else:
+            assert g == w, f.name
+            assert type(g) is type(w) or isinstance(w, int), (f.name, type(g), type(w))
+            if isinstance(w, Gid):
+                assert isinstance(g, Gid)
+
+
+def examples():
+    """One instance of every message class, with non-trivial field values."""
+    big = Gid(U32, U64)
+    return [
+        m.PythonCall(1, payload()),
+        m.PythonReturn(U64, payload(b"x", ())),
+        m.ExceptionReply(7, payload(b"exc"), "builtins.ValueError", "bad value: é ☃", "Traceback ...\n  line 1\n"),
+        m.ExceptionReply(8, m.Payload(b""), "", "", ""),  # exception that could not be pickled
+        m.RemoteCall(2, Gid(1, 2), Gid(1, 3), payload()),
+        m.RemoteReturn(3, big, Gid(0, 0)),
+        m.RRefFetchCall(4, Gid(5, 6)),
+        m.RRefFetchReturn(5, payload(b"value", [b"a" * 1000])),
+        m.RRefUserDelete(6, Gid(2, 9), Gid(3, 10)),
+        m.RRefForkRequest(7, Gid(2, 9), Gid(4, 11)),
+        m.RRefChildAccept(8, Gid(4, 11)),
+        m.RRefAck(9),
+        m.Hello(10, 3, "worker3"),
+        m.Hello(0, U32, ""),
+    ]
+
+
+def test_examples_cover_every_message_type():
+    assert {type(e).TYPE for e in examples()} == set(m.MessageType)
+    # and the registry maps each type to the class that encodes it
+    for e in examples():
+        assert m._REGISTRY[e.TYPE] is type(e)
+
+
+@pytest.mark.parametrize("msg", examples(), ids=lambda x: type(x).__name__)
+def test_roundtrip_every_message(msg):
+    got = roundtrip(msg)
+    assert_same_message(got, msg)
+    # the decoded message encodes to the very same bytes
+    assert [bytes(b) for b in got.encode()] == [bytes(b) for b in msg.encode()]
+
+
+@pytest.mark.parametrize("msg", examples(), ids=lambda x: type(x).__name__)
+def test_decode_accepts_bytes_and_memoryviews(msg):
+    frame = msg.encode()
+    for conv in (bytes, lambda b: memoryview(bytes(b))):
+        assert_same_message(m.decode([conv(b) for b in frame]), msg)
+
+
+def test_header_is_first_buffer_with_type_byte_and_msg_id():
+    frame = m.RRefUserDelete(0x0102030405060708, Gid(1, 2), Gid(3, 4)).encode()
+    header = bytes(frame[0])
+    assert len(frame) == 1
+    assert header[0] == m.MessageType.RREF_USER_DELETE
+    assert struct.unpack_from("<Q", header, 1)[0] == 0x0102030405060708
+    assert struct.unpack("<BQIQIQ", header) == (7, 0x0102030405060708, 1, 2, 3, 4)
+
+
+def test_payload_buffers_preserved_in_order_and_without_copy():
+    bufs = [bytearray(b"first"), bytearray(), bytearray(b"\x00" * 4096), bytearray(b"last")]
+    msg = m.PythonCall(11, m.Payload(bytearray(b"stream"), bufs))
+    frame = msg.encode()
+    # on the send side the payload buffers go out as they are (no copy, no join)
+    assert frame[1] is msg.payload.data
+    assert all(a is b for a, b in zip(frame[2:], bufs))
+    assert len(frame) == 2 + len(bufs)
+    # on the receive side the decoded payload holds the received buffers themselves
+    received = wire(frame)
+    got = m.decode(received)
+    assert got.payload.data is received[1]
+    assert len(got.payload.buffers) == len(bufs)
+    assert all(a is b for a, b in zip(got.payload.buffers, received[2:]))
+    assert [bytes(b) for b in got.payload.buffers] == [bytes(b) for b in bufs]
+    assert got.payload.frames()[0] is received[1]
+    assert got.payload.nbytes == sum(len(b) for b in received[1:])
+
+
+def test_exception_reply_texts_are_not_confused_with_payload_buffers():
+    msg = m.ExceptionReply(1, m.Payload(b"p", [b"b1", b"b2"]), "T", "msg", "tb")
+    got = roundtrip(msg)
+    assert bytes(got.payload.data) == b"p"
+    assert [bytes(b) for b in got.payload.buffers] == [b"b1", b"b2"]
+    assert (got.type_name, got.message, got.traceback) == ("T", "msg", "tb")
+
+
+def test_payload_nbytes_counts_data_and_buffers():
+    p = m.Payload(b"abc", [b"", bytearray(10), memoryview(b"12345")])
+    assert p.nbytes == 18
+    assert p.frames()[0] == b"abc" and len(p.frames()) == 4
+
+
+# --- property tests ------------------------------------------------------------
+
+u32 = st.integers(0, U32)
+u64 = st.integers(0, U64)
+gids = st.builds(Gid, u32, u64)
+texts = st.text(max_size=50)  # no lone surrogates by default: those are replaced by design
+blobs = st.binary(max_size=64)
+payloads = st.builds(m.Payload, blobs, st.lists(blobs, max_size=4))
+
+any_message = st.one_of(
+    st.builds(m.PythonCall, u64, payloads),
+    st.builds(m.PythonReturn, u64, payloads),
+    st.builds(m.ExceptionReply, u64, payloads, texts, texts, texts),
+    st.builds(m.RemoteCall, u64, gids, gids, payloads),
+    st.builds(m.RemoteReturn, u64, gids, gids),
+    st.builds(m.RRefFetchCall, u64, gids),
+    st.builds(m.RRefFetchReturn, u64, payloads),
+    st.builds(m.RRefUserDelete, u64, gids, gids),
+    st.builds(m.RRefForkRequest, u64, gids, gids),
+    st.builds(m.RRefChildAccept, u64, gids),
+    st.builds(m.RRefAck, u64),
+    st.builds(m.Hello, u64, u32, texts),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(any_message)
+def test_property_roundtrip(msg):
+    got = roundtrip(msg)
+    assert_same_message(got, msg)
+    assert m.peek_msg_id(wire(msg.encode())) == msg.msg_id
+
+
+@settings(max_examples=50, deadline=None)
+@given(u64, u32, texts)
+def test_property_hello_text_utf8(msg_id, worker_id, name):
+    frame = m.Hello(msg_id, worker_id, name).encode()
+    assert bytes(frame[1]) == name.encode("utf-8")
+
+
+# --- malformed frames ------------------------------------------------------------
+
+
+def test_empty_frame():
+    with pytest.raises(ProtocolError):
+        m.decode([])
+    with pytest.raises(ProtocolError):
+        m.decode([b""])
+    with pytest.raises(ProtocolError):
+        m.decode([bytearray(), b"x"])
+
+
+@pytest.mark.parametrize("type_byte", [0, 13, 99, 255])
+def test_unknown_type_byte(type_byte):
+    header = bytes([type_byte]) + struct.pack("<Q", 1)
+    with pytest.raises(ProtocolError, match="unknown message type"):
+        m.decode([header])
+
+
+def test_protocol_error_is_an_rpc_error():
+    assert issubclass(ProtocolError, RPCError) and issubclass(ProtocolError, RuntimeError)
+
+
+@pytest.mark.parametrize("msg", examples(), ids=lambda x: type(x).__name__)
+def test_truncated_header(msg):
+    frame = wire(msg.encode())
+    for cut in range(1, len(frame[0])):
+        bad = [frame[0][:cut], *frame[1:]]
+        with pytest.raises(ProtocolError):
+            m.decode(bad)
+
+
+@pytest.mark.parametrize("msg", examples(), ids=lambda x: type(x).__name__)
+def test_header_too_long(msg):
+    frame = wire(msg.encode())
+    for extra in (b"\x00", b"\x01" * 8):
+        with pytest.raises(ProtocolError):
+            m.decode([frame[0] + extra, *frame[1:]])
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [e for e in examples() if not e.HAS_PAYLOAD],
+    ids=lambda x: type(x).__name__,
+)
+def test_extra_buffer_on_fixed_layout_message(msg):
+    frame = wire(msg.encode())
+    with pytest.raises(ProtocolError):
+        m.decode([*frame, bytearray(b"extra")])
+    with pytest.raises(ProtocolError):
+        m.decode([*frame, bytearray()])
+
+
+def test_missing_buffers():
+    hello = wire(m.Hello(1, 2, "w").encode())
+    with pytest.raises(ProtocolError):
+        m.decode(hello[:1])  # no name
+    for cls in (m.PythonCall, m.PythonReturn, m.RRefFetchReturn):
+        frame = wire(cls(1, payload()).encode())
+        with pytest.raises(ProtocolError, match="payload"):
+            m.decode(frame[:1])  # header only, no pickle stream
+    remote = wire(m.RemoteCall(1, Gid(1, 1), Gid(1, 2), payload()).encode())
+    with pytest.raises(ProtocolError):
+        m.decode(remote[:1])
+    exc = wire(m.ExceptionReply(1, m.Payload(b"p"), "T", "M", "TB").encode())
+    assert len(exc) == 5
+    for n in range(1, 5):  # header + fewer than payload and 3 texts
+        with pytest.raises(ProtocolError):
+            m.decode(exc[:n])
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    header=st.one_of(
+        st.binary(max_size=64),
+        # a valid type byte followed by random bytes: reaches the per-class checks
+        st.builds(lambda t, rest: bytes([t]) + rest, st.sampled_from(list(m.MessageType)), st.binary(max_size=48)),
+        # a valid type byte with exactly the right header size
+        st.sampled_from(list(m.MessageType)).flatmap(
+            lambda t: st.binary(min_size=m._REGISTRY[t]._struct.size - 1, max_size=m._REGISTRY[t]._struct.size - 1)
+            .map(lambda rest: bytes([t]) + rest)),
+    ),
+    extra=st.lists(st.binary(max_size=16), max_size=6),
+)
+def test_random_bytes_decode_or_protocol_error(header, extra):
+    frame = [bytearray(header), *map(bytearray, extra)]
+    try:
+        msg = m.decode(frame)
+    except ProtocolError:
+        return
+    # a frame that decodes is a well-formed message: it re-encodes to the same header
+    assert isinstance(msg, m.Message)
+    assert msg.TYPE == header[0]
+    assert bytes(msg.encode()[0]) == bytes(header)
+    assert m.peek_msg_id(frame) == msg.msg_id
+
+
+# --- peek_msg_id ---------------------------------------------------------------
+
+
+def test_peek_msg_id():
+    assert m.peek_msg_id(m.RRefAck(42).encode()) == 42
+    assert m.peek_msg_id(wire(m.PythonCall(U64, payload()).encode())) == U64
+    # works on malformed frames that decode() rejects: unknown type, wrong header size
+    bad = bytes([200]) + struct.pack("<Q", 77) + b"junk"
+    with pytest.raises(ProtocolError):
+        m.decode([bad])
+    assert m.peek_msg_id([bad]) == 77
+    truncated = m.RemoteCall(5, Gid(1, 1), Gid(1, 2), payload()).encode()[0][:12]
+    assert m.peek_msg_id([truncated]) == 5
+    # exactly 9 bytes is enough
+    assert m.peek_msg_id([bytes([1]) + struct.pack("<Q", 9)]) == 9
+    # unreadable: too short, empty, no frame at all, not a buffer
+    assert m.peek_msg_id([bytes([1]) + b"\x00" * 7]) is None
+    assert m.peek_msg_id([b""]) is None
+    assert m.peek_msg_id([]) is None
+    assert m.peek_msg_id(None) is None
+    assert m.peek_msg_id([object()]) is None
+
+
+def test_gid_is_tuple_with_readable_repr():
+    g = Gid(3, 4)
+    assert g == (3, 4) and g.created_on == 3 and g.local_id == 4
+    assert repr(g) == "GloballyUniqueId(created_on=3, local_id=4)"
+    assert hash(g) == hash(Gid(3, 4))
+
+
+def test_is_reply_flags():
+    replies = {t for t, cls in m._REGISTRY.items() if cls.IS_REPLY}
+    assert replies == {
+        m.MessageType.PYTHON_RET, m.MessageType.EXCEPTION, m.MessageType.REMOTE_RET,
+        m.MessageType.PYTHON_RREF_FETCH_RET, m.MessageType.RREF_ACK,
+    }
+

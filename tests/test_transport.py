@@ -1,0 +1,413 @@
+"""Unit tests of the transports (src/torchrpc/transport): TCP on the loopback interface.
+
+Every blocking call runs with a timeout or in a thread that is joined with one,
+and every socket is closed, so nothing can hang or leak.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import struct
+import threading
+import time
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from torchrpc import transport
+from torchrpc.transport import ConnectionClosed, tcp
+
+pytestmark = pytest.mark.timeout(60)
+
+JOIN_S = 20.0
+
+
+class Bg:
+    """Run ``fn`` in a thread; ``result()`` joins it and returns or re-raises."""
+
+    def __init__(self, fn, *args, name="test-bg"):
+        self._value = None
+        self._error = None
+        self._thread = threading.Thread(target=self._run, args=(fn, args), name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self, fn, args):
+        try:
+            self._value = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            self._error = e
+
+    def join(self, timeout=JOIN_S):
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "background thread did not finish"
+
+    def alive(self):
+        return self._thread.is_alive()
+
+    def result(self, timeout=JOIN_S):
+        self.join(timeout)
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+@pytest.fixture
+def listener():
+    lst = transport.listen("tcp://127.0.0.1:0")
+    yield lst
+    lst.close()
+
+
+@pytest.fixture
+def pair(listener):
+    """(client, server) connections over loopback TCP."""
+    acc = Bg(listener.accept)
+    client = transport.connect(listener.address, timeout=10)
+    server = acc.result()
+    yield client, server
+    client.close()
+    server.close()
+
+
+def raw_client(listener):
+    """A plain socket connected to ``listener``, and the accepted Connection."""
+    host, port = tcp._parse(listener.address.partition("://")[2])
+    acc = Bg(listener.accept)
+    sock = socket.create_connection((host, port), timeout=10)
+    return sock, acc.result()
+
+
+def as_bytes(frame):
+    return [bytes(b) for b in frame]
+
+
+# --- addresses -----------------------------------------------------------------------
+
+
+def test_listen_picks_a_port(listener):
+    scheme, _, hostport = listener.address.partition("://")
+    assert scheme == "tcp"
+    host, port = tcp._parse(hostport)
+    assert host == "127.0.0.1" and 0 < port < 65536
+
+
+@pytest.mark.parametrize("address", ["udp://127.0.0.1:1", "nope://x", "TCP://127.0.0.1:1", "shm://name"])
+def test_unknown_scheme(address):
+    with pytest.raises(ValueError, match="scheme"):
+        transport.listen(address)
+    with pytest.raises(ValueError, match="scheme"):
+        transport.connect(address, timeout=0.1)
+
+
+@pytest.mark.parametrize("address", [
+    "127.0.0.1:0",              # no scheme
+    "tcp://127.0.0.1",          # no port
+    "tcp://127.0.0.1:",         # empty port
+    "tcp://127.0.0.1:http",     # port not a number
+    "tcp://127.0.0.1:-1",
+    "tcp://",
+])
+def test_malformed_address(address):
+    with pytest.raises(ValueError):
+        transport.listen(address)
+    with pytest.raises(ValueError):
+        transport.connect(address, timeout=0.1)
+
+
+def test_connect_to_nothing_fails_with_connection_closed():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nobody listens there now
+    t0 = time.monotonic()
+    with pytest.raises(ConnectionClosed):
+        transport.connect(f"tcp://127.0.0.1:{port}", timeout=0.3)
+    assert time.monotonic() - t0 < 5
+
+
+def test_ipv6_loopback():
+    try:
+        probe = socket.socket(socket.AF_INET6)
+        probe.bind(("::1", 0))
+        probe.close()
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    lst = transport.listen("tcp://[::1]:0")
+    try:
+        assert lst.address.startswith("tcp://[::1]:")
+        acc = Bg(lst.accept)
+        c = transport.connect(lst.address, timeout=10)
+        s = acc.result()
+        try:
+            c.send([b"six"])
+            assert as_bytes(s.recv()) == [b"six"]
+        finally:
+            c.close()
+            s.close()
+    finally:
+        lst.close()
+
+
+# --- frames ---------------------------------------------------------------------------
+
+
+def test_frames_roundtrip_including_zero_length_buffers(pair):
+    client, server = pair
+    frames = [
+        [b"hello"],
+        [b"", b"a", b"", bytearray(b"bc"), b""],
+        [b""],
+        [],
+        [memoryview(b"view"), bytearray(0), b"x" * 100_000],
+        [np.arange(10, dtype=np.float64)],  # non-byte formats count in bytes
+        [memoryview(np.arange(6, dtype=np.int32).reshape(2, 3))],
+        [b"%d" % i for i in range(600)],  # more buffers than one sendmsg takes
+    ]
+    expect = [[bytes(memoryview(b).cast("B")) if memoryview(b).format != "B" or memoryview(b).ndim != 1
+               else bytes(b) for b in f] for f in frames]
+    for f in frames:
+        client.send(f)
+    for want in expect:
+        got = server.recv()
+        assert isinstance(got, list)
+        assert all(isinstance(b, bytearray) for b in got)  # writable, for tensor storage
+        assert as_bytes(got) == want
+    # and the other way
+    server.send([b"", b"back"])
+    assert as_bytes(client.recv()) == [b"", b"back"]
+
+
+def test_traffic_counters(pair):
+    client, server = pair
+    client.send([b"abc", b""])
+    client.send([b"de"])
+    server.recv()
+    server.recv()
+    assert (client.frames_sent, client.bytes_sent) == (2, 5)
+    assert (server.frames_received, server.bytes_received) == (2, 5)
+
+
+def test_64_mib_buffer(pair):
+    client, server = pair
+    big = np.random.default_rng(0).integers(0, 256, size=64 << 20, dtype=np.uint8)
+    digest = hashlib.sha256(big).hexdigest()
+    sender = Bg(client.send, [b"head", big, b"tail"])
+    got = server.recv()
+    sender.result()
+    assert [len(b) for b in got] == [4, 64 << 20, 4]
+    assert bytes(got[0]) == b"head" and bytes(got[2]) == b"tail"
+    assert hashlib.sha256(got[1]).hexdigest() == digest
+
+
+def test_concurrent_senders_never_interleave(pair):
+    client, server = pair
+    n_threads, n_frames = 4, 150
+    rng = np.random.default_rng(1)
+    sizes = rng.integers(0, 200_000, size=(n_threads, n_frames))
+
+    def frame_for(t, i):
+        size = int(sizes[t, i])
+        body = bytes([t * 50 + i % 50]) * size
+        n_small = i % 12  # sometimes more than the 8 buffers of the join path
+        return [struct.pack("<II", t, i), body] + [bytes([t, i % 256, k]) for k in range(n_small)]
+
+    def send_all(t):
+        for i in range(n_frames):
+            client.send(frame_for(t, i))
+
+    senders = [Bg(send_all, t, name=f"sender{t}") for t in range(n_threads)]
+    next_seq = [0] * n_threads
+    try:
+        for _ in range(n_threads * n_frames):
+            got = server.recv()
+            t, i = struct.unpack("<II", got[0])
+            assert i == next_seq[t], "frames of one sender arrive in order"
+            next_seq[t] += 1
+            assert as_bytes(got) == frame_for(t, i)
+    finally:
+        for s in senders:
+            s.result()
+    assert next_seq == [n_frames] * n_threads
+
+
+# --- closing --------------------------------------------------------------------------
+
+
+def test_close_unblocks_recv(pair):
+    client, server = pair
+    blocked = Bg(server.recv)
+    time.sleep(0.2)
+    assert blocked.alive()
+    t0 = time.monotonic()
+    server.close()
+    with pytest.raises(ConnectionClosed):
+        blocked.result(5)
+    assert time.monotonic() - t0 < 5
+    with pytest.raises(ConnectionClosed):
+        server.send([b"after close"])
+    with pytest.raises(ConnectionClosed):
+        server.recv()
+
+
+def test_close_unblocks_a_sender_stuck_on_a_full_socket(pair):
+    client, server = pair
+    stuck = Bg(client.send, [bytes(64 << 20)])  # nobody reads: fills the socket buffers
+    time.sleep(0.3)
+    client.close()
+    with pytest.raises(ConnectionClosed):
+        stuck.result(10)
+
+
+def test_peer_close_gives_connection_closed(pair):
+    client, server = pair
+    client.send([b"last words"])
+    client.close()
+    assert as_bytes(server.recv()) == [b"last words"]  # what was sent still arrives
+    with pytest.raises(ConnectionClosed):
+        server.recv()
+
+
+def test_peer_close_while_blocked_in_recv(pair):
+    client, server = pair
+    blocked = Bg(server.recv)
+    time.sleep(0.2)
+    client.close()
+    with pytest.raises(ConnectionClosed):
+        blocked.result(5)
+
+
+def test_close_twice_is_harmless(pair):
+    client, _ = pair
+    client.close()
+    client.close()
+
+
+def test_listener_close_unblocks_accept():
+    lst = transport.listen("tcp://127.0.0.1:0")
+    blocked = Bg(lst.accept)
+    time.sleep(0.2)
+    lst.close()
+    with pytest.raises(ConnectionClosed):
+        blocked.result(5)
+
+
+@pytest.mark.parametrize("cut", [2, 4, 10, 14, 15])
+def test_peer_dies_mid_frame(listener, cut):
+    sock, conn = raw_client(listener)
+    try:
+        wire = struct.pack("<IQ", 1, 5) + b"hello"
+        sock.sendall(wire[:cut])
+        sock.close()
+        with pytest.raises(ConnectionClosed):
+            conn.recv()
+    finally:
+        conn.close()
+
+
+# --- hostile headers ------------------------------------------------------------------
+
+
+def _recv_hostile(listener, raw: bytes):
+    sock, conn = raw_client(listener)
+    try:
+        sock.sendall(raw)
+        tracemalloc.start()
+        try:
+            with pytest.raises(ConnectionClosed):
+                conn.recv()
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        return peak
+    finally:
+        sock.close()
+        conn.close()
+
+
+@pytest.mark.parametrize("count", [2**32 - 1, 2**31, tcp.MAX_BUFFERS + 1])
+def test_huge_buffer_count_rejected_without_allocating(listener, count):
+    # only the 4-byte count is sent: a recv that believed it would wait for 8*count more bytes
+    peak = _recv_hostile(listener, struct.pack("<I", count))
+    assert peak < 1 << 20
+
+
+@pytest.mark.parametrize("lengths", [
+    [2**63],
+    [2**64 - 1],
+    [tcp.MAX_FRAME_BYTES + 1],
+    [tcp.MAX_FRAME_BYTES // 2 + 1, tcp.MAX_FRAME_BYTES // 2 + 1],  # only the sum is too big
+    [0, 2**62, 2**62, 2**62],
+])
+def test_huge_frame_size_rejected_without_allocating(listener, lengths):
+    raw = struct.pack(f"<I{len(lengths)}Q", len(lengths), *lengths) + b"some bytes"
+    peak = _recv_hostile(listener, raw)
+    assert peak < 1 << 20
+
+
+def test_frame_size_limit_is_enforced(listener, monkeypatch):
+    # the limit itself (1 TiB by default) is checked before allocating: with a
+    # small limit, a frame just over it is refused and one at it is accepted
+    monkeypatch.setattr(tcp, "MAX_FRAME_BYTES", 1000)
+    sock, conn = raw_client(listener)
+    try:
+        sock.sendall(struct.pack("<IQQ", 2, 500, 500) + b"a" * 1000)
+        got = conn.recv()
+        assert [len(b) for b in got] == [500, 500]
+        sock.sendall(struct.pack("<IQQ", 2, 500, 501))
+        with pytest.raises(ConnectionClosed):
+            conn.recv()
+    finally:
+        sock.close()
+        conn.close()
+
+
+def test_buffer_count_limit_is_accepted_at_the_limit(listener):
+    sock, conn = raw_client(listener)
+    try:
+        n = tcp.MAX_BUFFERS
+        sock.sendall(struct.pack("<I", n) + bytes(8 * n))
+        got = conn.recv()
+        assert len(got) == n and all(len(b) == 0 for b in got)
+    finally:
+        sock.close()
+        conn.close()
+
+
+def test_random_garbage_never_hangs_or_raises_other_errors(listener):
+    rng = np.random.default_rng(2)
+    for trial in range(20):
+        sock, conn = raw_client(listener)
+        try:
+            sock.sendall(rng.integers(0, 256, size=int(rng.integers(1, 64)), dtype=np.uint8).tobytes())
+            sock.shutdown(socket.SHUT_WR)  # and then the peer is done
+            try:
+                while True:
+                    frame = conn.recv()
+                    assert isinstance(frame, list)
+            except ConnectionClosed:
+                pass
+        finally:
+            sock.close()
+            conn.close()
+
+
+
+def _overcommit_always() -> bool:
+    try:
+        with open("/proc/sys/vm/overcommit_memory") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return True
+
+
+@pytest.mark.skipif(_overcommit_always(), reason="with overcommit_memory=1 the allocation would succeed and "
+                    "zero-filling 512 GiB would get the test process killed")
+@pytest.mark.xfail(strict=True, reason="BUG: MAX_FRAME_BYTES is 1 TiB, so a header claiming 512 GiB passes the "
+                   "check and recv() calls bytearray(512 GiB) before any data arrives: MemoryError escapes "
+                   "recv() instead of ConnectionClosed (and with overcommit the process is OOM-killed)")
+def test_frame_claiming_more_memory_than_exists_is_rejected(listener):
+    claim = 1 << 39  # 512 GiB: under the 1 TiB limit, over any test machine's memory + swap
+    assert claim < tcp.MAX_FRAME_BYTES
+    _recv_hostile(listener, struct.pack("<IQ", 1, claim) + b"x")
