@@ -674,9 +674,6 @@ def test_remote_user_shared_after_owner_saw_the_call():
     net.assert_empty_tables()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a fork of a remote() result that reaches the owner before the "
-                   "RemoteCall makes a placeholder OwnerRRef which is released when that fork is deleted, "
-                   "while the creator's UserRRef is alive; the RemoteCall then makes a second OwnerRRef")
 def test_remote_user_shared_before_owner_saw_the_call():
     net = Net()
     creator = net.ctx[1].create_user_for_remote(0)

@@ -76,6 +76,8 @@ def loads(payload: Payload, session: Any = None) -> Any:
     _tls.session = session
     try:
         return pickle.loads(payload.data, buffers=payload.buffers)
+    except (pickle.UnpicklingError, EOFError, ValueError, IndexError) as e:
+        raise SerializationError(f"cannot unpickle payload: {type(e).__name__}: {e}") from e
     finally:
         _tls.session = prev
 

@@ -165,11 +165,19 @@ class RRefContext:
         return user
 
     def get_or_create_owner(self, rref_id: GloballyUniqueId) -> OwnerRRef:
-        """The OwnerRRef of ``rref_id``; created empty if a message about it came first."""
+        """The OwnerRRef of ``rref_id``; created empty if a message about it came first.
+
+        An RRef id made by another worker comes from its ``remote()``; until that
+        RemoteCall arrives, the RRef id itself stands in the fork set for the
+        creator's fork, so that a fork shared early and deleted early cannot
+        release the RRef before its creator is known.
+        """
         with self._lock:
             owner = self.owners.get(rref_id)
             if owner is None:
                 owner = self.owners[rref_id] = OwnerRRef(rref_id)
+                if rref_id.created_on != self.worker_id:
+                    self.forks.setdefault(rref_id, set()).add(rref_id)
             return owner
 
     # --- sending an RRef (this worker is the parent) -----------------------------
@@ -272,7 +280,9 @@ class RRefContext:
         """A ``remote()`` arrived: the OwnerRRef to fill, with the caller's fork registered."""
         with self._lock:
             owner = self.get_or_create_owner(rref_id)
-            self.forks.setdefault(rref_id, set()).add(fork_id)
+            forks = self.forks.setdefault(rref_id, set())
+            forks.add(fork_id)
+            forks.discard(rref_id)  # the creator is known now
             return owner
 
     def on_fork_request(self, rref_id: GloballyUniqueId, fork_id: GloballyUniqueId) -> None:

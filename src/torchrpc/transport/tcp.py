@@ -20,7 +20,7 @@ _COUNT = struct.Struct("<I")
 _IOV_MAX = 512
 #: Frames claiming more buffers, or more bytes, than this are rejected before any allocation.
 MAX_BUFFERS = 1 << 16
-MAX_FRAME_BYTES = 1 << 40
+MAX_FRAME_BYTES = 1 << 36
 
 
 def _parse(hostport: str) -> tuple[str, int]:
@@ -109,7 +109,11 @@ class TCPConnection(Connection):
             raise ConnectionClosed(f"frame from {self.peer} claims {sum(lengths)} bytes; closing")
         frame = []
         for n in lengths:
-            b = bytearray(n)
+            try:
+                b = bytearray(n)
+            except MemoryError:
+                raise ConnectionClosed(f"frame from {self.peer} needs {n} bytes, more than this process can "
+                                       "allocate; closing") from None
             if n:
                 self._read_exact(memoryview(b))
             frame.append(b)
