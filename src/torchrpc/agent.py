@@ -44,9 +44,6 @@ from .transport import Connection, ConnectionClosed, connect, listen
 from .worker_info import WorkerInfo
 
 log = logging.getLogger("torchrpc")
-import os as _os
-if _os.environ.get("TORCHRPC_DEBUG"):
-    logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(threadName)s %(message)s")
 
 _tls = threading.local()
 
@@ -367,10 +364,20 @@ class Agent:
         payload = self._dumps_request(func, args, kwargs, session, dest)
         fut: torch.futures.Future = torch.futures.Future()
         desc = func_name(func)
+        try:
+            self._request(dest, m.PythonCall(0, payload), timeout, desc,
+                          self._value_reply(fut, dest, m.PythonReturn))
+        except BaseException:
+            session.cancel()
+            raise
+        return fut
+
+    def _value_reply(self, fut: torch.futures.Future, dest: int, reply_cls: type) -> ReplyCallback:
+        """A reply callback that completes ``fut`` with the unpickled ``reply_cls`` payload or the error."""
 
         def on_reply(reply: Optional[m.Message], error: Optional[BaseException]) -> None:
             if error is None:
-                if isinstance(reply, m.PythonReturn):
+                if isinstance(reply, reply_cls):
                     try:
                         fut.set_result(serialization.loads(reply.payload, _RecvSession(self.ctx, dest)))
                         return
@@ -380,12 +387,7 @@ class Agent:
                     error = self._reply_error(reply, dest)
             fut.set_exception(error)
 
-        try:
-            self._request(dest, m.PythonCall(0, payload), timeout, desc, on_reply)
-        except BaseException:
-            session.cancel()
-            raise
-        return fut
+        return on_reply
 
     def _dumps_request(self, func: Callable, args: tuple, kwargs: dict, session: _SendSession, dest: int) -> m.Payload:
         try:
@@ -468,19 +470,8 @@ class Agent:
             return fut
         dest = user.owner_id
 
-        def on_reply(reply: Optional[m.Message], error: Optional[BaseException]) -> None:
-            if error is None:
-                if isinstance(reply, m.RRefFetchReturn):
-                    try:
-                        fut.set_result(serialization.loads(reply.payload, _RecvSession(self.ctx, dest)))
-                        return
-                    except BaseException as e:
-                        error = e
-                else:
-                    error = self._reply_error(reply, dest)
-            fut.set_exception(error)
-
-        msg_id = self._request(dest, m.RRefFetchCall(0, user.rref_id), timeout, "RRef.to_here", on_reply)
+        msg_id = self._request(dest, m.RRefFetchCall(0, user.rref_id), timeout, "RRef.to_here",
+                               self._value_reply(fut, dest, m.RRefFetchReturn))
         if created is not None:
             def creation_done(f: torch.futures.Future) -> None:
                 try:
