@@ -2,7 +2,7 @@
 
 A drop-in for ``torch.distributed.rpc``: ``import torchrpc as rpc``.
 """
-from . import functions
+from . import autograd, functions
 from .api import get_worker_info, init_rpc, remote, rpc_async, rpc_sync, shutdown
 from .errors import RemoteError, RPCError, RPCTimeoutError, WorkerUnavailableError
 from .options import (
@@ -22,7 +22,7 @@ def is_available() -> bool:
 
 
 __all__ = [
-    "BackendType", "RRef", "RPCError", "RPCTimeoutError", "RemoteError", "RpcBackendOptions",
+    "BackendType", "RRef", "autograd", "RPCError", "RPCTimeoutError", "RemoteError", "RpcBackendOptions",
     "TensorPipeRpcBackendOptions", "WorkerInfo", "WorkerUnavailableError", "functions",
     "get_worker_info", "init_rpc", "is_available", "remote", "rpc_async", "rpc_sync", "shutdown",
 ]

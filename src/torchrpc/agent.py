@@ -39,6 +39,8 @@ from .errors import (
 )
 from .options import UNSET_RPC_TIMEOUT, RpcBackendOptions
 from .protocol import messages as m
+from .autograd.context import current_context_id, use_context
+from .autograd.service import DistAutograd
 from .protocol.rref_context import ForkData, OwnerRRef, RRefContext, UserRRef
 from .transport import Connection, ConnectionClosed, connect, listen
 from .worker_info import WorkerInfo
@@ -48,6 +50,8 @@ log = logging.getLogger("torchrpc")
 _tls = threading.local()
 
 ReplyCallback = Callable[[Optional[m.Message], Optional[BaseException]], None]
+#: (context id, autograd message id or 0) of a message sent inside a distributed autograd context
+AutogradTag = Optional[tuple[int, int]]
 
 
 class UnknownWorkerError(RPCError, ValueError):
@@ -130,13 +134,20 @@ class _Pool:
 
 
 class _SendSession(serialization.Session):
-    """Pickling state of one outgoing message: the RRef forks it made."""
+    """Pickling state of one outgoing message: the RRef forks it made, and, inside a
+    distributed autograd context, the tensors that require grad (its *send*)."""
 
-    __slots__ = ("ctx", "forks")
+    __slots__ = ("ctx", "forks", "context_id", "grad_tensors")
 
-    def __init__(self, ctx: RRefContext) -> None:
+    def __init__(self, ctx: RRefContext, context_id: Optional[int] = None) -> None:
         self.ctx = ctx
         self.forks: list[ForkData] = []
+        self.context_id = context_id
+        self.grad_tensors: list[torch.Tensor] = []
+
+    def on_send_tensor(self, tensor: torch.Tensor) -> None:
+        if self.context_id is not None:
+            self.grad_tensors.append(tensor)
 
     def fork_rref(self, handle: OwnerRRef | UserRRef) -> ForkData:
         fork = self.ctx.fork_for_send(handle)
@@ -150,11 +161,18 @@ class _SendSession(serialization.Session):
 
 
 class _RecvSession(serialization.Session):
-    __slots__ = ("ctx", "src")
+    __slots__ = ("ctx", "src", "recording", "grad_tensors")
 
-    def __init__(self, ctx: RRefContext, src: int) -> None:
+    def __init__(self, ctx: RRefContext, src: int, recording: bool = False) -> None:
         self.ctx = ctx
         self.src = src
+        self.recording = recording
+        self.grad_tensors: list[torch.Tensor] = []
+
+    def on_recv_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.recording:
+            self.grad_tensors.append(tensor)
+        return tensor
 
     def rref_from_fork(self, fork: ForkData) -> OwnerRRef | UserRRef:
         if fork.parent_id != self.src:
@@ -195,6 +213,7 @@ class Agent:
         self._stop = threading.Event()
         self._conn_ready = threading.Condition()
         self.ctx = RRefContext(rank, self._emit)
+        self.autograd = DistAutograd(self)
         self._handlers: dict[type, Callable[[int, Any], None]] = {
             m.PythonCall: self._handle_call,
             m.RemoteCall: self._handle_remote,
@@ -202,6 +221,10 @@ class Agent:
             m.RRefUserDelete: self._handle_user_delete,
             m.RRefForkRequest: self._handle_fork_request,
             m.RRefChildAccept: self._handle_child_accept,
+            m.BackwardDiscover: self.autograd.handle_discover,
+            m.PropagateGradients: self.autograd.handle_propagate,
+            m.CleanupAutogradContext: self.autograd.handle_cleanup,
+            m.RRefBackward: self.autograd.handle_rref_backward,
         }
         self._pool = _Pool(options.num_worker_threads, f"torchrpc-{name}")
         self._listener = None
@@ -334,7 +357,8 @@ class Agent:
                 lambda: dest in self._conns or dest in self._dead or self._closed, self.rpc_timeout or 300.0)
             return self._conns.get(dest)
 
-    def _request(self, dest: int, msg: m.Message, timeout: float, desc: str, callback: ReplyCallback) -> int:
+    def _request(self, dest: int, msg: m.Message, timeout: float, desc: str, callback: ReplyCallback,
+                 autograd: AutogradTag = None) -> int:
         """Send a request; ``callback(reply, error)`` runs exactly once (reply, timeout or failure)."""
         msg_id = msg.msg_id = next(self._ids)
         deadline = time.monotonic() + timeout if timeout > 0 else 0.0
@@ -343,7 +367,7 @@ class Agent:
             with self._deadline_lock:
                 heapq.heappush(self._deadlines, (deadline, msg_id))
         try:
-            self._send(dest, msg.encode())
+            self._send(dest, (m.ForwardAutograd(msg_id, *autograd, msg) if autograd else msg).encode())
         except BaseException:
             self._pending.pop(msg_id, None)
             raise
@@ -360,13 +384,13 @@ class Agent:
         self._check_open()
         dest = self.worker_info(to).id
         timeout = self._timeout(timeout)
-        session = _SendSession(self.ctx)
+        session = _SendSession(self.ctx, current_context_id())
         payload = self._dumps_request(func, args, kwargs, session, dest)
         fut: torch.futures.Future = torch.futures.Future()
         desc = func_name(func)
         try:
             self._request(dest, m.PythonCall(0, payload), timeout, desc,
-                          self._value_reply(fut, dest, m.PythonReturn))
+                          self._value_reply(fut, dest, m.PythonReturn), self._autograd_tag(session, dest))
         except BaseException:
             session.cancel()
             raise
@@ -376,10 +400,13 @@ class Agent:
         """A reply callback that completes ``fut`` with the unpickled ``reply_cls`` payload or the error."""
 
         def on_reply(reply: Optional[m.Message], error: Optional[BaseException]) -> None:
+            tag: AutogradTag = None
+            if isinstance(reply, m.ForwardAutograd):
+                tag, reply = (reply.context_id, reply.autograd_message_id), reply.inner
             if error is None:
                 if isinstance(reply, reply_cls):
                     try:
-                        fut.set_result(serialization.loads(reply.payload, _RecvSession(self.ctx, dest)))
+                        fut.set_result(self._loads(reply.payload, dest, tag))
                         return
                     except BaseException as e:
                         error = e
@@ -388,6 +415,27 @@ class Agent:
             fut.set_exception(error)
 
         return on_reply
+
+    def _autograd_tag(self, session: _SendSession, dest: int) -> AutogradTag:
+        """Record the message's send (if it carries tensors that require grad) in its context."""
+        cid = session.context_id
+        if cid is None:
+            return None
+        if session.grad_tensors:
+            return cid, self.autograd.record_send(cid, dest, session.grad_tensors)
+        self.autograd.touch(cid, dest)
+        return cid, 0
+
+    def _loads(self, payload: m.Payload, src: int, tag: AutogradTag) -> Any:
+        """Unpickle a payload from ``src``, recording its recv if it came inside a context."""
+        session = _RecvSession(self.ctx, src, recording=bool(tag and tag[1]))
+        value = serialization.loads(payload, session)
+        if tag is not None:
+            if tag[1]:
+                self.autograd.record_recv(tag[0], src, tag[1], session.grad_tensors)
+            else:
+                self.autograd.touch(tag[0], src)
+        return value
 
     def _dumps_request(self, func: Callable, args: tuple, kwargs: dict, session: _SendSession, dest: int) -> m.Payload:
         try:
@@ -404,12 +452,13 @@ class Agent:
         dest = self.worker_info(to).id
         timeout = self._timeout(timeout)
         created: torch.futures.Future = torch.futures.Future()
+        context_id = current_context_id()
         if dest == self.rank:
             owner = OwnerRRef(self.ctx.new_id())
-            self._pool.submit(self._run_into_owner, func, args, kwargs, owner, created)
+            self._pool.submit(self._run_into_owner, func, args, kwargs, owner, created, context_id)
             return owner, created
         user = self.ctx.create_user_for_remote(dest)
-        session = _SendSession(self.ctx)
+        session = _SendSession(self.ctx, context_id)
         try:
             payload = self._dumps_request(func, args, kwargs, session, dest)
         except BaseException:
@@ -430,20 +479,23 @@ class Agent:
                 created.set_exception(self._reply_error(reply, dest))
 
         try:
-            self._request(dest, m.RemoteCall(0, user.rref_id, user.fork_id, payload), timeout, func_name(func), on_reply)
+            self._request(dest, m.RemoteCall(0, user.rref_id, user.fork_id, payload), timeout, func_name(func), on_reply,
+                          self._autograd_tag(session, dest))
         except BaseException as e:
             session.cancel()
             self.ctx.confirm_remote_user(fork_id, e)
             raise
         return user, created
 
-    def _run_into_owner(self, func: Callable, args: tuple, kwargs: dict, owner: OwnerRRef, created: torch.futures.Future) -> None:
+    def _run_into_owner(self, func: Callable, args: tuple, kwargs: dict, owner: OwnerRRef,
+                        created: torch.futures.Future, context_id: Optional[int]) -> None:
         """remote() to ourselves: run through pickle (value semantics), keep the result locally."""
         try:
-            session = _SendSession(self.ctx)
+            session = _SendSession(self.ctx, context_id)
             payload = serialization.dumps((func, args, kwargs), session)
-            func, args, kwargs = serialization.loads(_copy_payload(payload), _RecvSession(self.ctx, self.rank))
-            self._run_user(func, args, kwargs, lambda v, e: self._fill_owner(owner, v, e, created))
+            func, args, kwargs = self._loads(_copy_payload(payload), self.rank, self._autograd_tag(session, self.rank))
+            with use_context(context_id):
+                self._run_user(func, args, kwargs, lambda v, e: self._fill_owner(owner, v, e, created))
         except BaseException as e:
             self._fill_owner(owner, None, e, created)
 
@@ -470,8 +522,11 @@ class Agent:
             return fut
         dest = user.owner_id
 
+        cid = current_context_id()
+        if cid is not None:
+            self.autograd.touch(cid, dest)
         msg_id = self._request(dest, m.RRefFetchCall(0, user.rref_id), timeout, "RRef.to_here",
-                               self._value_reply(fut, dest, m.RRefFetchReturn))
+                               self._value_reply(fut, dest, m.RRefFetchReturn), None if cid is None else (cid, 0))
         if created is not None:
             def creation_done(f: torch.futures.Future) -> None:
                 try:
@@ -525,11 +580,16 @@ class Agent:
             self._on_connection_lost(peer, conn, reason)
 
     def _dispatch(self, src: int, frame: list) -> None:
+        tag: AutogradTag = None
         try:
             msg = m.decode(frame)
-            handler = None if msg.IS_REPLY else self._handlers.get(type(msg))
-            if handler is None and not msg.IS_REPLY:
-                raise ProtocolError(f"{type(msg).__name__} is not a request")
+            handler = None
+            if not msg.IS_REPLY:
+                if isinstance(msg, m.ForwardAutograd):
+                    tag, msg = (msg.context_id, msg.autograd_message_id), msg.inner
+                handler = self._handlers.get(type(msg))
+                if handler is None:
+                    raise ProtocolError(f"{type(msg).__name__} is not a request")
         except ProtocolError as e:
             msg_id = m.peek_msg_id(frame)
             log.warning("torchrpc %s: malformed message from worker %d: %s", self.name, src, e)
@@ -546,7 +606,7 @@ class Agent:
                 return
             pending.callback(msg, None)
         else:
-            self._pool.submit(handler, src, msg)
+            self._pool.submit(handler, src, msg, tag)
 
     def _on_connection_lost(self, peer: int, conn: Connection, reason: str) -> None:
         conn.close()
@@ -626,16 +686,21 @@ class Agent:
         t = type(exc)
         self._reply(dest, m.ExceptionReply(msg_id, payload, f"{t.__module__}.{t.__qualname__}", str(exc), tb))
 
-    def _reply_value(self, dest: int, msg_id: int, value: Any, reply_cls: type = m.PythonReturn) -> None:
-        session = _SendSession(self.ctx)
+    def _reply_value(self, dest: int, msg_id: int, value: Any, reply_cls: type = m.PythonReturn,
+                     context_id: Optional[int] = None) -> None:
+        session = _SendSession(self.ctx, context_id)
         try:
             payload = serialization.dumps(value, session)
         except BaseException as e:
             session.cancel()
             self._reply_exception(dest, msg_id, e)
             return
+        reply: m.Message = reply_cls(msg_id, payload)
+        tag = self._autograd_tag(session, dest)
+        if tag is not None:
+            reply = m.ForwardAutograd(msg_id, *tag, reply)
         try:
-            self._send(dest, reply_cls(msg_id, payload).encode())
+            self._send(dest, reply.encode())
         except WorkerUnavailableError as e:
             session.cancel()
             log.debug("torchrpc %s: reply to %d lost: %s", self.name, dest, e)
@@ -665,28 +730,31 @@ class Agent:
 
         result.add_done_callback(finished)
 
-    def _handle_call(self, src: int, msg: m.PythonCall) -> None:
+    def _handle_call(self, src: int, msg: m.PythonCall, tag: AutogradTag = None) -> None:
+        cid = tag[0] if tag else None
+
         def done(value: Any, error: Optional[BaseException]) -> None:
             if error is not None:
                 self._reply_exception(src, msg.msg_id, error)
             else:
-                self._reply_value(src, msg.msg_id, value)
+                self._reply_value(src, msg.msg_id, value, context_id=cid)
 
         try:
-            func, args, kwargs = self._load_call(src, msg.payload)
+            func, args, kwargs = self._load_call(src, msg.payload, tag)
         except BaseException as e:
             done(None, e)
             return
-        self._run_user(func, args, kwargs, done)
+        with use_context(cid):  # the callee runs inside the caller's context
+            self._run_user(func, args, kwargs, done)
 
-    def _load_call(self, src: int, payload: m.Payload) -> tuple:
-        call = serialization.loads(payload, _RecvSession(self.ctx, src))
+    def _load_call(self, src: int, payload: m.Payload, tag: AutogradTag) -> tuple:
+        call = self._loads(payload, src, tag)
         if not (isinstance(call, tuple) and len(call) == 3 and callable(call[0])
                 and isinstance(call[1], tuple) and isinstance(call[2], dict)):
             raise ProtocolError("a call payload must be (callable, args tuple, kwargs dict)")
         return call
 
-    def _handle_remote(self, src: int, msg: m.RemoteCall) -> None:
+    def _handle_remote(self, src: int, msg: m.RemoteCall, tag: AutogradTag = None) -> None:
         if msg.fork_id.created_on != src or msg.rref_id.created_on != src:
             self._reply_exception(src, msg.msg_id, ProtocolError("remote call ids must be created by the caller"))
             return
@@ -705,14 +773,18 @@ class Agent:
                 self._reply(src, m.RemoteReturn(msg.msg_id, msg.rref_id, msg.fork_id))
 
         try:
-            func, args, kwargs = self._load_call(src, msg.payload)
+            func, args, kwargs = self._load_call(src, msg.payload, tag)
         except BaseException as e:
             done(None, e)
             return
-        self._run_user(func, args, kwargs, done)
+        with use_context(tag[0] if tag else None):
+            self._run_user(func, args, kwargs, done)
 
-    def _handle_fetch(self, src: int, msg: m.RRefFetchCall) -> None:
+    def _handle_fetch(self, src: int, msg: m.RRefFetchCall, tag: AutogradTag = None) -> None:
         owner = self.ctx.get_or_create_owner(msg.rref_id)
+        cid = tag[0] if tag else None
+        if cid is not None:
+            self.autograd.touch(cid, src)
 
         def ready(o: OwnerRRef) -> None:
             try:
@@ -720,22 +792,53 @@ class Agent:
             except BaseException as e:
                 self._reply_exception(src, msg.msg_id, e)
                 return
-            self._reply_value(src, msg.msg_id, value, m.RRefFetchReturn)
+            self._reply_value(src, msg.msg_id, value, m.RRefFetchReturn, context_id=cid)
 
         owner.add_done_callback(lambda o: self._on_pool(ready, o))
 
-    def _handle_user_delete(self, src: int, msg: m.RRefUserDelete) -> None:
+    def _handle_user_delete(self, src: int, msg: m.RRefUserDelete, tag: AutogradTag = None) -> None:
         released = self.ctx.on_user_delete(msg.rref_id, msg.fork_id)
         self._reply(src, m.RRefAck(msg.msg_id))
         del released  # the value goes here, outside any lock
 
-    def _handle_fork_request(self, src: int, msg: m.RRefForkRequest) -> None:
+    def _handle_fork_request(self, src: int, msg: m.RRefForkRequest, tag: AutogradTag = None) -> None:
         self.ctx.on_fork_request(msg.rref_id, msg.fork_id)
         self._reply(src, m.RRefAck(msg.msg_id))
 
-    def _handle_child_accept(self, src: int, msg: m.RRefChildAccept) -> None:
+    def _handle_child_accept(self, src: int, msg: m.RRefChildAccept, tag: AutogradTag = None) -> None:
         self.ctx.on_child_accept(msg.fork_id)
         self._reply(src, m.RRefAck(msg.msg_id))
+
+    # --- helpers for the protocol services ---------------------------------------------
+
+    def control(self, dest: int, msg: m.Message) -> torch.futures.Future:
+        """Send a control request; a Future that completes (None) on its ack or fails with the error."""
+        fut: torch.futures.Future = torch.futures.Future()
+
+        def on_reply(reply: Optional[m.Message], error: Optional[BaseException]) -> None:
+            if error is None and not isinstance(reply, m.RRefAck):
+                error = self._reply_error(reply, dest)
+            if error is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(error)
+
+        try:
+            self._check_open()
+            self._request(dest, msg, self.rpc_timeout, type(msg).__name__, on_reply)
+        except BaseException as e:
+            fut.set_exception(e)
+        return fut
+
+    def send_control(self, dest: int, msg: m.Message) -> None:
+        """Send a control request from the pool without waiting (shutdown waits for its ack)."""
+        self._emit(dest, msg, None)
+
+    def reply_ack(self, dest: int, msg_id: int) -> None:
+        self._reply(dest, m.RRefAck(msg_id))
+
+    def reply_error(self, dest: int, msg_id: int, error: BaseException) -> None:
+        self._reply_exception(dest, msg_id, error)
 
     # --- shutdown ---------------------------------------------------------------------
 
@@ -818,6 +921,7 @@ class Agent:
             if p is not None:
                 p.callback(None, err)
         self._pool.stop()
+        self.autograd.close()
         self._rv = None  # type: ignore[assignment]  # drops the store (rank 0: stops its server)
 
 

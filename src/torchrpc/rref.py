@@ -11,6 +11,7 @@ from .agent import is_async_function
 from .errors import RPCError
 from .functions import async_execution
 from .options import UNSET_RPC_TIMEOUT
+from .protocol.messages import RRefBackward
 from .protocol.rref_context import ForkData, OwnerRRef, UserRRef
 from .worker_info import WorkerInfo
 
@@ -83,6 +84,25 @@ class RRef(Generic[T]):
     def remote(self, timeout: float = UNSET_RPC_TIMEOUT) -> Any:
         """As :meth:`rpc_sync`, returning an RRef to the result, kept on the owner."""
         return _Proxy(self, _remote, timeout)
+
+    def backward(self, dist_autograd_ctx_id: int = -1, retain_graph: bool = False) -> None:
+        """Run backward from this RRef's value, which must be a scalar tensor.
+
+        With ``dist_autograd_ctx_id=-1``, a local ``value.backward()`` on the owner
+        (only the owner may do that). With a context id, a distributed backward in
+        that context, starting on the owner; it returns once the whole pass is done.
+        """
+        agent = current.agent()
+        h = self._handle
+        if isinstance(h, OwnerRRef):
+            agent.autograd.rref_backward(h.rref_id, h.value(), dist_autograd_ctx_id, retain_graph)
+            return
+        if dist_autograd_ctx_id == -1:
+            raise RPCError("RRef.backward() without a distributed autograd context id runs a local backward, "
+                           f"which only the owner ({self.owner_name()!r}) can do")
+        if self._created is not None:
+            self._created.wait()  # the owner must have the value before it can start from it
+        agent.control(h.owner_id, RRefBackward(0, h.rref_id, dist_autograd_ctx_id, bool(retain_graph))).wait()
 
     def _get_future(self) -> torch.futures.Future:
         """A Future that completes when the owner has created the value (remote() only)."""

@@ -22,6 +22,7 @@ import torch
 
 from .errors import SerializationError
 from .protocol.messages import Payload
+from .protocol.tensor_codec import raw_buffer, tensor_from_buffer
 
 _tls = threading.local()
 
@@ -93,34 +94,16 @@ def _describe(obj: Any) -> str:
 def _reduce_tensor(t: torch.Tensor) -> tuple:
     if t.layout is not torch.strided or t.device.type != "cpu" or t.is_quantized:
         return t.__reduce_ex__(2)
-    d = t.detach()
-    if d.is_conj():
-        d = d.resolve_conj()
-    if d.is_neg():
-        d = d.resolve_neg()
-    if not d.is_contiguous():
-        d = d.contiguous()
-    raw = d.reshape(-1).view(torch.uint8).numpy()
+    raw = raw_buffer(t)
     rebuild = _rebuild_parameter if isinstance(t, torch.nn.Parameter) else _rebuild_tensor
     session = getattr(_tls, "session", None)
     if session is not None and t.requires_grad:
         session.on_send_tensor(t)
-    return rebuild, (pickle.PickleBuffer(raw), t.dtype, tuple(d.shape), t.requires_grad)
-
-
-def _tensor_from_buffer(buf: Any, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
-    mv = memoryview(buf)
-    if mv.nbytes == 0:
-        return torch.empty(shape, dtype=dtype)
-    if mv.readonly:
-        # torch.frombuffer wants writable memory; a read-only buffer only comes
-        # from an in-band pickle, where a copy is made anyway.
-        mv = memoryview(bytearray(mv))
-    return torch.frombuffer(mv, dtype=torch.uint8).view(dtype).view(shape)
+    return rebuild, (pickle.PickleBuffer(raw), t.dtype, tuple(t.shape), t.requires_grad)
 
 
 def _rebuild_tensor(buf: Any, dtype: torch.dtype, shape: tuple, requires_grad: bool) -> torch.Tensor:
-    t = _tensor_from_buffer(buf, dtype, shape)
+    t = tensor_from_buffer(buf, dtype, shape)
     session = getattr(_tls, "session", None)
     if requires_grad:
         t.requires_grad_(True)
@@ -130,7 +113,7 @@ def _rebuild_tensor(buf: Any, dtype: torch.dtype, shape: tuple, requires_grad: b
 
 
 def _rebuild_parameter(buf: Any, dtype: torch.dtype, shape: tuple, requires_grad: bool) -> torch.Tensor:
-    p = torch.nn.Parameter(_tensor_from_buffer(buf, dtype, shape), requires_grad=requires_grad)
+    p = torch.nn.Parameter(tensor_from_buffer(buf, dtype, shape), requires_grad=requires_grad)
     session = getattr(_tls, "session", None)
     if requires_grad and session is not None:
         return session.on_recv_tensor(p)

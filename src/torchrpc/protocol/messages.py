@@ -15,9 +15,10 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, NamedTuple, Sequence
+from typing import Any, ClassVar, NamedTuple, Optional, Sequence
 
 from ..errors import ProtocolError
+from .tensor_codec import decode_tensors, encode_tensors
 
 Buffer = Any  # bytes, bytearray, memoryview or any object with the buffer protocol
 
@@ -37,6 +38,12 @@ class MessageType(enum.IntEnum):
     RREF_ACK = 10
     EXCEPTION = 11
     HELLO = 12
+    # distributed autograd
+    FORWARD_AUTOGRAD = 20
+    BACKWARD_DISCOVER = 21
+    BACKWARD_AUTOGRAD_REQ = 22
+    CLEANUP_AUTOGRAD_CONTEXT_REQ = 23
+    RREF_BACKWARD_REQ = 24
 
 
 class GloballyUniqueId(NamedTuple):
@@ -65,7 +72,7 @@ class Payload:
 
 
 # field kinds -> struct codes; a "gid" is two fields (worker id, local id).
-_CODES = {"u32": "I", "u64": "Q", "bool": "?", "gid": "IQ", "f64": "d"}
+_CODES = {"u32": "I", "u64": "Q", "i64": "q", "bool": "?", "gid": "IQ", "f64": "d"}
 
 _REGISTRY: dict[int, type["Message"]] = {}
 
@@ -77,6 +84,10 @@ class Message:
     FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (("msg_id", "u64"),)
     HAS_PAYLOAD: ClassVar[bool] = False
     TEXTS: ClassVar[tuple[str, ...]] = ()
+    #: name of a ``list[int]`` field sent as one buffer of u64s, if any
+    IDS: ClassVar[Optional[str]] = None
+    #: name of a ``list[Optional[Tensor]]`` field sent with the tensor codec, if any
+    TENSORS: ClassVar[Optional[str]] = None
     IS_REPLY: ClassVar[bool] = False
     _struct: ClassVar[struct.Struct]
 
@@ -104,6 +115,11 @@ class Message:
             frames.extend(self.payload.frames())  # type: ignore[attr-defined]
         for name in self.TEXTS:
             frames.append(getattr(self, name).encode("utf-8", "replace"))
+        if self.IDS:
+            ids = getattr(self, self.IDS)
+            frames.append(struct.pack(f"<{len(ids)}Q", *ids))
+        if self.TENSORS:
+            frames.extend(encode_tensors(getattr(self, self.TENSORS)))
         return frames
 
     @classmethod
@@ -126,6 +142,14 @@ class Message:
                 kwargs[name] = raw[i]
                 i += 1
         rest = list(frames[1:])
+        if cls.TENSORS:
+            kwargs[cls.TENSORS] = decode_tensors(rest)
+            rest = []
+        if cls.IDS:
+            if not rest or len(rest[-1]) % 8:
+                raise ProtocolError(f"{cls.TYPE.name} has no well-formed id list")
+            raw_ids = bytes(rest.pop())
+            kwargs[cls.IDS] = list(struct.unpack(f"<{len(raw_ids) // 8}Q", raw_ids))
         n_texts = len(cls.TEXTS)
         if cls.HAS_PAYLOAD:
             if len(rest) < 1 + n_texts:
@@ -312,3 +336,103 @@ class Hello(Message):
     msg_id: int
     worker_id: int
     name: str
+
+
+# --- distributed autograd ------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ForwardAutograd(Message):
+    """A wrapper around any message sent inside a distributed autograd context.
+
+    ``context_id`` is the sender's current context; ``autograd_message_id`` is not 0
+    when the inner message carries tensors that require grad, which the sender
+    recorded as a *send* and the receiver records as the matching *recv*.
+    """
+
+    TYPE = MessageType.FORWARD_AUTOGRAD
+    FIELDS = (("msg_id", "u64"), ("context_id", "i64"), ("autograd_message_id", "u64"))
+    msg_id: int
+    context_id: int
+    autograd_message_id: int
+    inner: Message
+
+    def encode(self) -> list:
+        return [self._struct.pack(self.TYPE, self.inner.msg_id, self.context_id, self.autograd_message_id),
+                *self.inner.encode()]
+
+    @property
+    def IS_REPLY(self) -> bool:  # type: ignore[override]
+        return self.inner.IS_REPLY
+
+    @classmethod
+    def _from_frames(cls, frames: Sequence[Buffer]) -> "Message":
+        st = cls._struct
+        if len(frames[0]) != st.size:
+            raise ProtocolError(f"FORWARD_AUTOGRAD header has {len(frames[0])} bytes, expected {st.size}")
+        _, msg_id, context_id, ag_id = st.unpack_from(frames[0])
+        if len(frames) < 2:
+            raise ProtocolError("FORWARD_AUTOGRAD carries no message")
+        inner = decode(frames[1:])
+        if isinstance(inner, ForwardAutograd):
+            raise ProtocolError("FORWARD_AUTOGRAD may not wrap another FORWARD_AUTOGRAD")
+        if inner.msg_id != msg_id:
+            raise ProtocolError("FORWARD_AUTOGRAD message id differs from the wrapped message's")
+        return cls(msg_id, context_id, ag_id, inner)
+
+
+@dataclass(slots=True)
+class BackwardDiscover(Message):
+    """SMART mode: backward pass ``pass_id`` of ``context_id`` reaches these sends of yours.
+
+    The receiver finds which of its recvs those sends reach, asks their senders
+    in turn, and replies once the whole reached set below it is known.
+    """
+
+    TYPE = MessageType.BACKWARD_DISCOVER
+    FIELDS = (("msg_id", "u64"), ("context_id", "i64"), ("pass_id", "u64"), ("retain_graph", "bool"))
+    IDS = "autograd_message_ids"
+    msg_id: int
+    context_id: int
+    pass_id: int
+    retain_graph: bool
+    autograd_message_ids: list
+
+
+@dataclass(slots=True)
+class PropagateGradients(Message):
+    """The gradients for the tensors of send ``autograd_message_id`` (one per tensor, None if none).
+
+    Replied to once everything this delivery set off, on every worker, has finished.
+    """
+
+    TYPE = MessageType.BACKWARD_AUTOGRAD_REQ
+    FIELDS = (("msg_id", "u64"), ("context_id", "i64"), ("pass_id", "u64"), ("autograd_message_id", "u64"))
+    TENSORS = "grads"
+    msg_id: int
+    context_id: int
+    pass_id: int
+    autograd_message_id: int
+    grads: list
+
+
+@dataclass(slots=True)
+class CleanupAutogradContext(Message):
+    """Release context ``context_id`` here and on every worker it touched from here."""
+
+    TYPE = MessageType.CLEANUP_AUTOGRAD_CONTEXT_REQ
+    FIELDS = (("msg_id", "u64"), ("context_id", "i64"))
+    msg_id: int
+    context_id: int
+
+
+@dataclass(slots=True)
+class RRefBackward(Message):
+    """On the owner of ``rref_id``: run backward from its value in ``context_id``."""
+
+    TYPE = MessageType.RREF_BACKWARD_REQ
+    FIELDS = (("msg_id", "u64"), ("rref_id", "gid"), ("context_id", "i64"), ("retain_graph", "bool"))
+    msg_id: int
+    rref_id: GloballyUniqueId
+    context_id: int
+    retain_graph: bool

@@ -1,0 +1,174 @@
+"""Distributed autograd contexts: what one worker recorded for each context id.
+
+A context holds the *sends* (tensors that required grad and left this worker in
+a message, keyed by that message's autograd message id) and *recvs* (tensors
+that arrived that way), the gradients accumulated for this worker's leaves, the
+workers it exchanged such messages with (for cleanup), and the state of its
+backward passes. Plain objects: no I/O.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from ..errors import RPCError
+from .engine import Edge, LocalBackward, edge_of
+
+_tls = threading.local()
+
+
+def current_context_id() -> Optional[int]:
+    """The context id of ``with torchrpc.autograd.context()`` on this thread, if any."""
+    return getattr(_tls, "context_id", None)
+
+
+class use_context:
+    """Make ``context_id`` current on this thread for a block (None: no context)."""
+
+    def __init__(self, context_id: Optional[int]) -> None:
+        self.context_id = context_id
+
+    def __enter__(self) -> Optional[int]:
+        self._prev = getattr(_tls, "context_id", None)
+        _tls.context_id = self.context_id
+        return self.context_id
+
+    def __exit__(self, *exc: Any) -> None:
+        _tls.context_id = self._prev
+
+
+class UnknownContextError(RPCError, KeyError):
+    """No distributed autograd context with that id exists on this worker."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown context"
+
+
+@dataclass
+class Exchange:
+    """The tensors of one message that required grad, and the worker at the other end."""
+
+    peer: int
+    tensors: list[torch.Tensor]
+
+
+@dataclass
+class PassState:
+    """One worker's state in one backward pass."""
+
+    retain_graph: bool
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    #: sends that this pass reaches (found by discovery); each gets exactly one delivery
+    active_sends: set[int] = field(default_factory=set)
+    #: autograd node ids already walked by discovery
+    walked: set[int] = field(default_factory=set)
+    roots: Optional[list[Edge]] = None
+    engine: Optional[LocalBackward] = None
+
+
+class DistAutogradContext:
+    """Everything one worker holds for one context id."""
+
+    def __init__(self, context_id: int) -> None:
+        self.context_id = context_id
+        self.lock = threading.RLock()
+        self.sends: dict[int, Exchange] = {}
+        self.recvs: dict[int, Exchange] = {}
+        self._recv_index: dict[int, tuple[int, int]] = {}
+        self.grads: dict[torch.Tensor, torch.Tensor] = {}
+        self.known_workers: set[int] = set()
+        self.passes: dict[int, PassState] = {}
+
+    def add_send(self, autograd_message_id: int, peer: int, tensors: list[torch.Tensor]) -> None:
+        with self.lock:
+            self.sends[autograd_message_id] = Exchange(peer, tensors)
+            self.known_workers.add(peer)
+
+    def add_recv(self, autograd_message_id: int, peer: int, tensors: list[torch.Tensor]) -> None:
+        with self.lock:
+            self.recvs[autograd_message_id] = Exchange(peer, tensors)
+            self.known_workers.add(peer)
+            for i, t in enumerate(tensors):
+                self._recv_index[id(t)] = (autograd_message_id, i)
+
+    def recv_of(self, t: torch.Tensor) -> Optional[tuple[int, int]]:
+        hit = self._recv_index.get(id(t))
+        if hit is None:
+            return None
+        ag_id, i = hit
+        ex = self.recvs.get(ag_id)
+        return hit if ex is not None and ex.tensors[i] is t else None
+
+    def send_edges(self, autograd_message_id: int) -> list[Optional[Edge]]:
+        ex = self.sends.get(autograd_message_id)
+        if ex is None:
+            raise RPCError(f"distributed autograd context {self.context_id} has no send with autograd "
+                           f"message id {autograd_message_id}")
+        return [edge_of(t) if t.requires_grad else None for t in ex.tensors]
+
+    def accumulate(self, tensor: torch.Tensor, grad: torch.Tensor) -> None:
+        with self.lock:
+            prev = self.grads.get(tensor)
+            self.grads[tensor] = grad if prev is None else prev + grad
+
+    def build_engine(self, state: PassState) -> LocalBackward:
+        """The pass's local engine, from its roots (if any) and the sends discovery found."""
+        sources: dict[Any, list[Optional[Edge]]] = {}
+        if state.roots is not None:
+            sources["root"] = list(state.roots)
+        for ag_id in sorted(state.active_sends):
+            sources[("send", ag_id)] = self.send_edges(ag_id)
+        sizes = {ag_id: len(ex.tensors) for ag_id, ex in self.recvs.items()}
+        return LocalBackward(sources, self.recv_of, sizes, state.retain_graph)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.sends.clear()
+            self.recvs.clear()
+            self._recv_index.clear()
+            self.grads.clear()
+            self.passes.clear()
+
+
+class ContextContainer:
+    """This worker's contexts, by id. Ids are unique across workers: (worker id << 48) | counter."""
+
+    def __init__(self, worker_id: int) -> None:
+        self.worker_id = worker_id
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._contexts: dict[int, DistAutogradContext] = {}
+
+    def new_id(self) -> int:
+        return (self.worker_id << 48) | next(self._ids)
+
+    def create(self) -> DistAutogradContext:
+        ctx = DistAutogradContext(self.new_id())
+        with self._lock:
+            self._contexts[ctx.context_id] = ctx
+        return ctx
+
+    def get(self, context_id: int) -> DistAutogradContext:
+        ctx = self._contexts.get(context_id)
+        if ctx is None:
+            raise UnknownContextError(f"could not find distributed autograd context with id {context_id}")
+        return ctx
+
+    def get_or_create(self, context_id: int) -> DistAutogradContext:
+        with self._lock:
+            ctx = self._contexts.get(context_id)
+            if ctx is None:
+                ctx = self._contexts[context_id] = DistAutogradContext(context_id)
+            return ctx
+
+    def pop(self, context_id: int) -> Optional[DistAutogradContext]:
+        with self._lock:
+            return self._contexts.pop(context_id, None)
+
+    def ids(self) -> list[int]:
+        with self._lock:
+            return list(self._contexts)

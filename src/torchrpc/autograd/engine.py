@@ -1,0 +1,238 @@
+"""One worker's part of a distributed backward pass, run in torch's own engine.
+
+The local autograd graph of a context is cut at its RPC boundaries:
+
+* **sources** feed gradient in: the roots of the pass (on the worker that started
+  it) and the *sends* (tensors this worker sent; their gradients come back from
+  the peer that received them);
+* **sinks** take gradient out: leaves (accumulated into the context) and *recvs*
+  (tensors this worker received; their gradients go back to the sender).
+
+SMART mode (PyTorch's design note): before anything runs, the pass learns which
+sends will receive gradient at all, so a node waits only for sources that will
+deliver; RPC outputs that the loss does not use are never waited for.
+
+Sources deliver at different times, and a node reachable from several sources
+must run once, after all of them. So nodes run one at a time, each in a
+``torch.autograd.grad`` call that starts at the node's output edges and stops
+at its next edges (``GradientEdge``), as soon as every edge into it has
+delivered. Once every source has delivered, whatever remains runs in one
+engine call. Leaf edges are captured, never executed, so ``.grad`` is untouched.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Iterable, Optional
+
+import torch
+from torch.autograd.graph import GradientEdge
+
+Edge = tuple[Any, int]  # (autograd node, output number)
+
+
+def edge_of(t: torch.Tensor) -> Edge:
+    e = torch.autograd.graph.get_gradient_edge(t)
+    return (e.node, e.output_nr)
+
+
+def is_sink(node: Any) -> bool:
+    return type(node).__name__ == "AccumulateGrad"
+
+
+def walk(edges: Iterable[Edge], seen: Optional[set[int]] = None) -> tuple[list[Any], list[Any]]:
+    """Nodes reachable from ``edges``: (inner nodes, sink nodes), skipping ids in ``seen``."""
+    seen = set() if seen is None else seen
+    stack = [n for n, _ in edges if n is not None]
+    inner: list[Any] = []
+    sinks: list[Any] = []
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if is_sink(node):
+            sinks.append(node)
+            continue
+        inner.append(node)
+        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+    return inner, sinks
+
+
+@dataclass
+class Outcome:
+    """What a delivery produced: leaf gradients and finished recvs (key -> per-tensor grads)."""
+
+    leaf_grads: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    recvs_done: dict[Hashable, list[Optional[torch.Tensor]]] = field(default_factory=dict)
+
+
+def _add(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+class LocalBackward:
+    """Runs this worker's share of one pass; feed it with :meth:`deliver`.
+
+    Args:
+        sources: key -> the edges of that source's tensors (None for a tensor that
+            needs no gradient). Every key must be delivered exactly once.
+        recv_of: maps a leaf tensor to ``(recv key, index)`` if it is a received
+            tensor, else None.
+        recv_sizes: recv key -> number of tensors in that recv.
+        retain_graph: keep the graph's buffers for another pass.
+    """
+
+    def __init__(
+        self,
+        sources: dict[Hashable, list[Optional[Edge]]],
+        recv_of: Callable[[torch.Tensor], Optional[tuple[Hashable, int]]],
+        recv_sizes: dict[Hashable, int],
+        retain_graph: bool,
+    ) -> None:
+        self.sources = sources
+        self.retain_graph = retain_graph
+        self._recv_of = recv_of
+        self._recv_sizes = recv_sizes
+        self._undelivered = set(sources)
+        self._nodes: dict[int, Any] = {}
+        self._deps: dict[int, int] = {}
+        self._buffers: dict[int, dict[int, torch.Tensor]] = {}
+        self._done: set[int] = set()
+        inner, sinks = walk([e for edges in sources.values() for e in edges if e is not None])
+        for node in inner + sinks:
+            self._nodes[id(node)] = node
+            self._deps[id(node)] = 0
+        for node in inner:
+            for nxt, _ in node.next_functions:
+                if nxt is not None:
+                    self._deps[id(nxt)] += 1
+        for edges in sources.values():
+            for e in edges:
+                if e is not None:
+                    self._deps[id(e[0])] += 1
+        # recvs reached by this pass, and their partial gradients
+        self._recv_grads: dict[Hashable, list[Optional[torch.Tensor]]] = {}
+        self._recv_pending: dict[Hashable, int] = {}
+        for sink in sinks:
+            hit = recv_of(sink.variable)
+            if hit is not None:
+                key, _ = hit
+                if key not in self._recv_grads:
+                    self._recv_grads[key] = [None] * recv_sizes[key]
+                    self._recv_pending[key] = 0
+                self._recv_pending[key] += 1
+        self.executed = 0
+
+    @property
+    def reached_recvs(self) -> list[Hashable]:
+        return list(self._recv_grads)
+
+    @property
+    def finished(self) -> bool:
+        return not self._undelivered
+
+    def deliver(self, key: Hashable, grads: list[Optional[torch.Tensor]]) -> Outcome:
+        """Source ``key`` delivers ``grads`` (one per edge); run everything that became ready."""
+        if key not in self._undelivered:
+            raise ValueError(f"source {key!r} is not expected (or was already delivered) in this pass")
+        edges = self.sources[key]
+        if len(grads) != len(edges):
+            raise ValueError(f"source {key!r} has {len(edges)} tensors but {len(grads)} gradients arrived")
+        self._undelivered.discard(key)
+        out = Outcome()
+        ready: list[int] = []
+        for e, g in zip(edges, grads):
+            if e is None:
+                continue
+            self._feed(e, g, ready, out)
+        if not self._undelivered:
+            self._run_rest(out)
+        else:
+            while ready:
+                self._run_node(ready.pop(), ready, out)
+        return out
+
+    # --- internals ----------------------------------------------------------------
+
+    def _feed(self, edge: Edge, grad: Optional[torch.Tensor], ready: list[int], out: Outcome) -> None:
+        node, nr = edge
+        nid = id(node)
+        if grad is not None:
+            buf = self._buffers.setdefault(nid, {})
+            buf[nr] = _add(buf.get(nr), grad)
+        self._deps[nid] -= 1
+        if self._deps[nid] == 0:
+            if is_sink(node):
+                self._finish_sink(node, out)
+            else:
+                ready.append(nid)
+
+    def _finish_sink(self, node: Any, out: Outcome) -> None:
+        grad = self._buffers.pop(id(node), {}).get(0)
+        self._done.add(id(node))
+        t = node.variable
+        hit = self._recv_of(t)
+        if hit is None:
+            if grad is not None:
+                out.leaf_grads.append((t, grad))
+            return
+        key, idx = hit
+        self._recv_grads[key][idx] = _add(self._recv_grads[key][idx], grad)
+        self._recv_pending[key] -= 1
+        if self._recv_pending[key] == 0:
+            out.recvs_done[key] = self._recv_grads.pop(key)
+
+    def _run_node(self, nid: int, ready: list[int], out: Outcome) -> None:
+        node = self._nodes[nid]
+        self._done.add(nid)
+        buf = self._buffers.pop(nid, {})
+        nexts = [(nxt, nr) for nxt, nr in node.next_functions if nxt is not None]
+        unique = list({(id(n), nr): (n, nr) for n, nr in nexts}.values())
+        grads: list[Optional[torch.Tensor]] = [None] * len(unique)
+        if buf and unique:
+            outs = [GradientEdge(node, nr) for nr in buf]
+            results = torch.autograd.grad(
+                outs, [GradientEdge(n, nr) for n, nr in unique], list(buf.values()),
+                retain_graph=self.retain_graph, allow_unused=True, materialize_grads=False,
+            )
+            grads = list(results)
+            self.executed += 1
+        by_edge = {(id(n), nr): g for (n, nr), g in zip(unique, grads)}
+        for n, nr in nexts:
+            # a repeated edge gets the gradient once; the others only count down
+            g = by_edge.pop((id(n), nr), None)
+            self._feed((n, nr), g, ready, out)
+
+    def _run_rest(self, out: Outcome) -> None:
+        """Every source has delivered: run all remaining nodes in one engine call."""
+        # every node not run yet that holds gradient starts the call; the engine adds
+        # what flows into it from the others
+        pending = [nid for nid in self._buffers if nid not in self._done and not is_sink(self._nodes[nid])]
+        outs: list[GradientEdge] = []
+        grads: list[torch.Tensor] = []
+        for nid in pending:
+            for nr, g in self._buffers.pop(nid, {}).items():
+                outs.append(GradientEdge(self._nodes[nid], nr))
+                grads.append(g)
+            self._done.add(nid)
+        remaining_sinks = [self._nodes[nid] for nid in self._nodes
+                           if nid not in self._done and is_sink(self._nodes[nid])]
+        if outs and remaining_sinks:
+            results = torch.autograd.grad(
+                outs, [GradientEdge(s, 0) for s in remaining_sinks], grads,
+                retain_graph=self.retain_graph, allow_unused=True, materialize_grads=False,
+            )
+            self.executed += 1
+        else:
+            results = [None] * len(remaining_sinks)
+        for sink, g in zip(remaining_sinks, results):
+            if g is not None:
+                buf = self._buffers.setdefault(id(sink), {})
+                buf[0] = _add(buf.get(0), g)
+            self._finish_sink(sink, out)
+        for nid in self._nodes:
+            self._done.add(nid)

@@ -1,0 +1,242 @@
+"""Distributed autograd on one worker: recording sends and recvs, backward passes, cleanup.
+
+A backward pass runs in two phases, both over RPC:
+
+1. **Discovery** (SMART mode): from the roots, find the recvs they reach; ask
+   each recv's sender which of *its* recvs that send reaches, and so on. Each
+   ``BackwardDiscover`` is answered once everything below it is known, so when
+   the starter's discovery returns, every worker knows exactly which of its sends
+   will receive gradient in this pass.
+2. **Execution**: the starter runs its local part from the roots; each recv that
+   completes sends its gradients to the matching send (``PropagateGradients``),
+   whose worker runs its part, and so on. A ``PropagateGradients`` is answered
+   once all the work it set off has finished everywhere, so the starter's
+   ``backward`` returns when the whole pass has.
+
+Every message is validated; a malformed one or an unknown context, RRef, pass or
+send id gets an error reply naming it, and the worker carries on.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import TYPE_CHECKING, Any, Iterable, Optional
+
+import torch
+
+from ..errors import RPCError
+from ..protocol import messages as m
+from .context import ContextContainer, DistAutogradContext, PassState, UnknownContextError
+from .engine import Outcome, edge_of, walk
+
+if TYPE_CHECKING:
+    from ..agent import Agent
+
+
+class DistBackwardError(RPCError):
+    """A distributed backward pass failed; the message names the worker where it did."""
+
+
+class DistAutograd:
+    """The distributed autograd half of an agent."""
+
+    def __init__(self, agent: "Agent") -> None:
+        self.agent = agent
+        self.contexts = ContextContainer(agent.rank)
+        self._ids = itertools.count(1)
+        self._pass_ids = itertools.count(1)
+
+    # --- recording the forward pass ---------------------------------------------------
+
+    def record_send(self, context_id: int, peer: int, tensors: list[torch.Tensor]) -> int:
+        """Record tensors that require grad leaving for ``peer``; their autograd message id."""
+        ag_id = (self.agent.rank << 48) | next(self._ids)
+        self.contexts.get_or_create(context_id).add_send(ag_id, peer, tensors)
+        return ag_id
+
+    def record_recv(self, context_id: int, peer: int, ag_id: int, tensors: list[torch.Tensor]) -> None:
+        self.contexts.get_or_create(context_id).add_recv(ag_id, peer, tensors)
+
+    def touch(self, context_id: int, peer: int) -> None:
+        """A message of this context was exchanged with ``peer``: it must hear of cleanup."""
+        ctx = self.contexts.get_or_create(context_id)
+        with ctx.lock:
+            ctx.known_workers.add(peer)
+
+    # --- cleanup -------------------------------------------------------------------
+
+    def release(self, context_id: int, from_peer: Optional[int] = None) -> None:
+        """Drop the context here and tell every worker it touched (except ``from_peer``)."""
+        ctx = self.contexts.pop(context_id)
+        if ctx is None:
+            return
+        with ctx.lock:
+            peers = sorted(ctx.known_workers - {from_peer, self.agent.rank})
+            ctx.clear()
+        for peer in peers:
+            self.agent.send_control(peer, m.CleanupAutogradContext(0, context_id))
+
+    def handle_cleanup(self, src: int, msg: m.CleanupAutogradContext, ag: Any = None) -> None:
+        self.release(msg.context_id, from_peer=src)
+        self.agent.reply_ack(src, msg.msg_id)
+
+    # --- backward ------------------------------------------------------------------
+
+    def backward(self, context_id: int, roots: Iterable[torch.Tensor], retain_graph: bool = False) -> None:
+        """Run a distributed backward pass from ``roots`` (scalars) in ``context_id``; block until done."""
+        roots = list(roots)
+        if not roots:
+            raise ValueError("backward needs at least one root tensor")
+        for r in roots:
+            if not isinstance(r, torch.Tensor):
+                raise TypeError(f"roots must be tensors, got {type(r).__name__}")
+            if not r.requires_grad:
+                raise RuntimeError("a root of the backward pass does not require grad (and has no grad_fn)")
+            if r.numel() != 1:
+                raise RuntimeError(f"roots of a distributed backward must be scalars; got shape {list(r.shape)}")
+        ctx = self.contexts.get(context_id)
+        pass_id = (self.agent.rank << 48) | next(self._pass_ids)
+        state = PassState(retain_graph=bool(retain_graph), roots=[edge_of(r) for r in roots])
+        with ctx.lock:
+            ctx.passes[pass_id] = state
+        self._discover(ctx, pass_id, state, state.roots)
+        with state.lock:
+            state.engine = ctx.build_engine(state)
+            outcome = state.engine.deliver("root", [torch.ones_like(r) for r in roots])
+        self._apply(ctx, pass_id, outcome)
+
+    def _discover(self, ctx: DistAutogradContext, pass_id: int, state: PassState, edges: list) -> None:
+        """Walk from ``edges`` (under the pass lock) and discover the peers' parts; wait for them."""
+        with state.lock:
+            _, sinks = walk([e for e in edges if e is not None], state.walked)
+            by_peer: dict[int, list[int]] = {}
+            for sink in sinks:
+                hit = ctx.recv_of(sink.variable)
+                if hit is not None:
+                    ag_id = hit[0]
+                    ids = by_peer.setdefault(ctx.recvs[ag_id].peer, [])
+                    if ag_id not in ids:
+                        ids.append(ag_id)
+        futs = [self.agent.control(peer, m.BackwardDiscover(0, ctx.context_id, pass_id, state.retain_graph, ids))
+                for peer, ids in by_peer.items()]
+        self._wait(futs)
+
+    def handle_discover(self, src: int, msg: m.BackwardDiscover, ag: Any = None) -> None:
+        try:
+            ctx = self.contexts.get(msg.context_id)
+            with ctx.lock:
+                state = ctx.passes.get(msg.pass_id)
+                if state is None:
+                    state = ctx.passes[msg.pass_id] = PassState(retain_graph=msg.retain_graph)
+            with state.lock:
+                if state.engine is not None:
+                    raise RPCError(f"backward pass {msg.pass_id} of context {msg.context_id} is already running")
+                new = [i for i in msg.autograd_message_ids if i not in state.active_sends]
+                edges = []
+                for ag_id in new:
+                    ex = ctx.sends.get(ag_id)
+                    if ex is None or ex.peer != src:
+                        raise RPCError(f"context {msg.context_id} has no send with autograd message id {ag_id} "
+                                       f"to worker {src}")
+                    edges.extend(ctx.send_edges(ag_id))
+                state.active_sends.update(new)
+            self._discover(ctx, msg.pass_id, state, edges)
+        except BaseException as e:
+            self.agent.reply_error(src, msg.msg_id, self._named(e))
+            return
+        self.agent.reply_ack(src, msg.msg_id)
+
+    def handle_propagate(self, src: int, msg: m.PropagateGradients, ag: Any = None) -> None:
+        try:
+            ctx = self.contexts.get(msg.context_id)
+            state = ctx.passes.get(msg.pass_id)
+            if state is None:
+                raise RPCError(f"context {msg.context_id} has no backward pass {msg.pass_id} (not discovered)")
+            key = ("send", msg.autograd_message_id)
+            ex = ctx.sends.get(msg.autograd_message_id)
+            if ex is None or ex.peer != src:
+                raise RPCError(f"context {msg.context_id} has no send with autograd message id "
+                               f"{msg.autograd_message_id} to worker {src}")
+            if msg.autograd_message_id not in state.active_sends:
+                raise RPCError(f"send {msg.autograd_message_id} is not part of backward pass {msg.pass_id}")
+            for t, g in zip(ex.tensors, msg.grads):
+                if g is not None and g.shape != t.shape:
+                    raise RPCError(f"gradient of shape {list(g.shape)} for a tensor of shape {list(t.shape)}")
+            with state.lock:
+                if state.engine is None:
+                    state.engine = ctx.build_engine(state)
+                outcome = state.engine.deliver(key, [None if g is None else g.to(t.dtype)
+                                                     for t, g in zip(ex.tensors, msg.grads)])
+            self._apply(ctx, msg.pass_id, outcome)
+        except BaseException as e:
+            self.agent.reply_error(src, msg.msg_id, self._named(e))
+            return
+        self.agent.reply_ack(src, msg.msg_id)
+
+    def _apply(self, ctx: DistAutogradContext, pass_id: int, outcome: Outcome) -> None:
+        """Accumulate leaf gradients; send finished recvs' gradients on and wait for that work."""
+        for t, g in outcome.leaf_grads:
+            ctx.accumulate(t, g)
+        futs = []
+        for ag_id, grads in outcome.recvs_done.items():
+            peer = ctx.recvs[ag_id].peer
+            futs.append(self.agent.control(peer, m.PropagateGradients(0, ctx.context_id, pass_id, ag_id, grads)))
+        self._wait(futs)
+
+    def _wait(self, futs: list[torch.futures.Future]) -> None:
+        errors = []
+        for f in futs:
+            try:
+                f.wait()
+            except BaseException as e:
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+    def _named(self, e: BaseException) -> BaseException:
+        if isinstance(e, DistBackwardError):
+            return e
+        err = DistBackwardError(f"distributed backward failed on worker {self.agent.name!r}: "
+                                f"{type(e).__name__}: {e}")
+        err.__cause__ = e
+        return err
+
+    def rref_backward(self, rref_id: m.GloballyUniqueId, value: Any, context_id: int, retain_graph: bool) -> None:
+        """On the owner: backward from an RRef's value, locally (-1) or in a context."""
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            what = f"a tensor of shape {list(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise RuntimeError(f"RRef.backward needs the RRef's value to be a scalar tensor; RRef {rref_id} holds {what}")
+        if not value.requires_grad:
+            raise RuntimeError(f"the value of RRef {rref_id} does not require grad")
+        if context_id == -1:
+            value.backward(retain_graph=retain_graph)
+        else:
+            self.backward(context_id, [value], retain_graph)
+
+    def handle_rref_backward(self, src: int, msg: m.RRefBackward, ag: Any = None) -> None:
+        try:
+            if msg.context_id < 0:
+                raise RPCError("RRef.backward with context id -1 (a local backward) can only run on the "
+                               "owner; give a distributed autograd context id")
+            owner = self.agent.ctx.owners.get(msg.rref_id)
+            if owner is None:
+                raise RPCError(f"worker {self.agent.name!r} owns no RRef with id {msg.rref_id}")
+            self.contexts.get(msg.context_id)
+            self.rref_backward(msg.rref_id, owner.value(), msg.context_id, msg.retain_graph)
+        except BaseException as e:
+            self.agent.reply_error(src, msg.msg_id, e if isinstance(e, UnknownContextError) else self._named(e))
+            return
+        self.agent.reply_ack(src, msg.msg_id)
+
+    # --- views -------------------------------------------------------------------
+
+    def get_gradients(self, context_id: int) -> dict[torch.Tensor, torch.Tensor]:
+        ctx = self.contexts.get(context_id)
+        with ctx.lock:
+            return dict(ctx.grads)
+
+    def close(self) -> None:
+        for cid in self.contexts.ids():
+            ctx = self.contexts.pop(cid)
+            if ctx is not None:
+                ctx.clear()
+
