@@ -300,7 +300,7 @@ class Agent:
         with self._conn_ready:
             self._conns[peer] = conn
             self._conn_ready.notify_all()
-        self._spawn(self._read_loop, f"reader-{peer}", peer, conn)
+        self._pool.submit(self._read_loop, peer, conn)
 
     # --- names --------------------------------------------------------------------
 
@@ -339,7 +339,9 @@ class Agent:
     def _send(self, dest: int, frame: list) -> None:
         if dest == self.rank:
             # to ourselves: copy, as the wire would, and dispatch in this thread
-            self._dispatch(dest, [bytearray(b) for b in frame])
+            job = self._dispatch(dest, [bytearray(b) for b in frame])
+            if job is not None:
+                self._pool.submit(job[0], *job[1])
             return
         conn = self._conns.get(dest) or self._await_connection(dest)
         if conn is None:
@@ -567,19 +569,30 @@ class Agent:
     # --- receiving --------------------------------------------------------------------
 
     def _read_loop(self, peer: int, conn: Connection) -> None:
-        reason = "connection closed"
+        """Read ``conn`` until a request arrives; then hand the reading on and serve it here.
+
+        Leader/follower: the thread that read a request queues the reading of the
+        connection for another pool thread *before* it runs the request, so reading
+        never waits for user code, and the request runs without a thread hand-off.
+        """
         try:
             while True:
-                self._dispatch(peer, conn.recv())
+                job = self._dispatch(peer, conn.recv())
+                if job is not None:
+                    break
         except ConnectionClosed as e:
-            reason = str(e)
+            self._on_connection_lost(peer, conn, str(e))
+            return
         except BaseException as e:  # pragma: no cover - a bug; report it as a lost peer
             log.exception("torchrpc %s: reader for worker %d failed", self.name, peer)
-            reason = f"reader failed: {e!r}"
-        finally:
-            self._on_connection_lost(peer, conn, reason)
+            self._on_connection_lost(peer, conn, f"reader failed: {e!r}")
+            return
+        self._pool.submit(self._read_loop, peer, conn)
+        handler, args = job
+        handler(*args)
 
-    def _dispatch(self, src: int, frame: list) -> None:
+    def _dispatch(self, src: int, frame: list) -> Optional[tuple[Callable, tuple]]:
+        """Decode a frame; complete a reply's future here, or return the request's handler to run."""
         tag: AutogradTag = None
         try:
             msg = m.decode(frame)
@@ -594,19 +607,19 @@ class Agent:
             msg_id = m.peek_msg_id(frame)
             log.warning("torchrpc %s: malformed message from worker %d: %s", self.name, src, e)
             if msg_id is not None:
-                self._pool.submit(self._reply_exception, src, msg_id, e)
-            return
+                return self._reply_exception, (src, msg_id, e)
+            return None
         if msg.IS_REPLY:
             pending = self._pending.pop(msg.msg_id, None)
             if pending is None:
-                return  # timed out already, or a stray reply
+                return None  # timed out already, or a stray reply
             if pending.dest != src:
                 log.warning("torchrpc %s: worker %d replied to a request sent to %d", self.name, src, pending.dest)
                 self._pending[msg.msg_id] = pending
-                return
+                return None
             pending.callback(msg, None)
-        else:
-            self._pool.submit(handler, src, msg, tag)
+            return None
+        return handler, (src, msg, tag)
 
     def _on_connection_lost(self, peer: int, conn: Connection, reason: str) -> None:
         conn.close()
