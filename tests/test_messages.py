@@ -9,7 +9,8 @@ import dataclasses
 import struct
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+import torch
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from torchrpc.errors import ProtocolError, RPCError
@@ -20,6 +21,7 @@ pytestmark = pytest.mark.timeout(60)
 
 U32 = 2**32 - 1
 U64 = 2**64 - 1
+I64_MIN, I64_MAX = -(2**63), 2**63 - 1
 
 
 def wire(frame):
@@ -46,6 +48,18 @@ def assert_same_payload(got: m.Payload, want: m.Payload):
         assert bytes(g) == bytes(w)
 
 
+def assert_same_tensors(got, want):
+    """Two lists of Optional[Tensor]: same length, None at the same places, same dtype, shape, values."""
+    assert isinstance(got, list) and len(got) == len(want)
+    for g, w in zip(got, want):
+        if w is None:
+            assert g is None
+            continue
+        assert isinstance(g, torch.Tensor)
+        assert g.dtype == w.dtype and g.shape == w.shape
+        assert torch.equal(g, w)
+
+
 def assert_same_message(got, want):
     assert type(got) is type(want)
     for f in dataclasses.fields(want):
@@ -53,6 +67,10 @@ def assert_same_message(got, want):
         if isinstance(w, m.Payload):
             assert isinstance(g, m.Payload)
             assert_same_payload(g, w)
+        elif isinstance(w, m.Message):  # ForwardAutograd.inner
+            assert_same_message(g, w)
+        elif f.name == "grads":  # PropagateGradients: tensors and Nones
+            assert_same_tensors(g, w)
         else:
             assert g == w, f.name
             assert type(g) is type(w) or isinstance(w, int), (f.name, type(g), type(w))
@@ -78,6 +96,34 @@ def examples():
         m.RRefAck(9),
         m.Hello(10, 3, "worker3"),
         m.Hello(0, U32, ""),
+        # distributed autograd
+        m.ForwardAutograd(11, (3 << 48) | 7, U64, m.PythonCall(11, payload())),
+        m.ForwardAutograd(12, I64_MIN, 0, m.RRefFetchCall(12, Gid(1, 2))),  # fixed-layout inner message
+        m.ForwardAutograd(U64, -1, (1 << 48) | 1, m.PythonReturn(U64, payload(b"reply", [b"t" * 24]))),
+        m.BackwardDiscover(13, (1 << 48) | 3, (2 << 48) | 1, True, [1, U64, 0, (5 << 48) | 9]),
+        m.BackwardDiscover(14, I64_MAX, U64, False, []),
+        m.PropagateGradients(15, (2 << 48) | 4, 7, (1 << 48) | 2, gradient_list()),
+        m.PropagateGradients(16, -1, 0, 0, []),
+        m.PropagateGradients(17, 1, U64, U64, [None, None]),
+        m.CleanupAutogradContext(18, I64_MAX),
+        m.CleanupAutogradContext(19, -1),
+        m.RRefBackward(20, Gid(1, 2), (1 << 48) | 5, True),
+        m.RRefBackward(21, big, -1, False),
+    ]
+
+
+def gradient_list():
+    """Gradients as PropagateGradients carries them: tensors of many dtypes and shapes, and None."""
+    return [
+        torch.arange(6, dtype=torch.float64).reshape(2, 3) / 7,
+        None,
+        torch.tensor(2.5, dtype=torch.float32),  # 0-dim
+        torch.empty(0, 4),  # no elements
+        torch.arange(12, dtype=torch.int64).reshape(3, 4).t(),  # not contiguous
+        torch.tensor([True, False, True]),
+        torch.tensor([1.5, -2.0], dtype=torch.bfloat16),
+        torch.tensor([1 + 2j, -3j], dtype=torch.complex64),
+        torch.full((2, 1, 2), -1.0, dtype=torch.float16),
     ]
 
 
@@ -154,7 +200,13 @@ texts = st.text(max_size=50)  # no lone surrogates by default: those are replace
 blobs = st.binary(max_size=64)
 payloads = st.builds(m.Payload, blobs, st.lists(blobs, max_size=4))
 
-any_message = st.one_of(
+i64 = st.integers(I64_MIN, I64_MAX)
+small_tensors = st.one_of(
+    st.none(),
+    st.builds(lambda xs: torch.tensor(xs, dtype=torch.float64), st.lists(st.floats(allow_nan=False), max_size=5)),
+    st.builds(lambda xs: torch.tensor(xs, dtype=torch.int64).reshape(-1, 1), st.lists(st.integers(-5, 5), max_size=4)),
+)
+_plain_message = st.one_of(
     st.builds(m.PythonCall, u64, payloads),
     st.builds(m.PythonReturn, u64, payloads),
     st.builds(m.ExceptionReply, u64, payloads, texts, texts, texts),
@@ -167,6 +219,14 @@ any_message = st.one_of(
     st.builds(m.RRefChildAccept, u64, gids),
     st.builds(m.RRefAck, u64),
     st.builds(m.Hello, u64, u32, texts),
+    st.builds(m.BackwardDiscover, u64, i64, u64, st.booleans(), st.lists(u64, max_size=5)),
+    st.builds(m.PropagateGradients, u64, i64, u64, u64, st.lists(small_tensors, max_size=4)),
+    st.builds(m.CleanupAutogradContext, u64, i64),
+    st.builds(m.RRefBackward, u64, gids, i64, st.booleans()),
+)
+any_message = st.one_of(
+    _plain_message,
+    st.builds(lambda inner, cid, ag: m.ForwardAutograd(inner.msg_id, cid, ag, inner), _plain_message, i64, u64),
 )
 
 
@@ -225,9 +285,16 @@ def test_header_too_long(msg):
             m.decode([frame[0] + extra, *frame[1:]])
 
 
+def _fixed_layout(msg):
+    """No payload: the number of buffers is fixed (a ForwardAutograd has its inner message's layout)."""
+    if isinstance(msg, m.ForwardAutograd):
+        return _fixed_layout(msg.inner)
+    return not msg.HAS_PAYLOAD
+
+
 @pytest.mark.parametrize(
     "msg",
-    [e for e in examples() if not e.HAS_PAYLOAD],
+    [e for e in examples() if _fixed_layout(e)],
     ids=lambda x: type(x).__name__,
 )
 def test_extra_buffer_on_fixed_layout_message(msg):
@@ -275,6 +342,9 @@ def test_random_bytes_decode_or_protocol_error(header, extra):
         msg = m.decode(frame)
     except ProtocolError:
         return
+    # a bool byte other than 0/1 is accepted (and re-encoded as 1): a known bug, pinned by
+    # test_bool_field_other_than_0_or_1_is_rejected (strict xfail); don't let it hide other findings
+    assume(not _noncanonical_bool(frame))
     # a frame that decodes is a well-formed message: it re-encodes to the same header
     assert isinstance(msg, m.Message)
     assert msg.TYPE == header[0]
@@ -313,9 +383,156 @@ def test_gid_is_tuple_with_readable_repr():
 
 
 def test_is_reply_flags():
-    replies = {t for t, cls in m._REGISTRY.items() if cls.IS_REPLY}
+    # ForwardAutograd is a reply exactly when the message it wraps is one (an instance property)
+    replies = {t for t, cls in m._REGISTRY.items() if cls is not m.ForwardAutograd and cls.IS_REPLY}
     assert replies == {
         m.MessageType.PYTHON_RET, m.MessageType.EXCEPTION, m.MessageType.REMOTE_RET,
         m.MessageType.PYTHON_RREF_FETCH_RET, m.MessageType.RREF_ACK,
     }
+    for e in examples():
+        if isinstance(e, m.ForwardAutograd):
+            assert e.IS_REPLY is e.inner.IS_REPLY
+            assert roundtrip(e).IS_REPLY is e.inner.IS_REPLY
+    assert m.ForwardAutograd(1, 2, 3, m.PythonReturn(1, payload())).IS_REPLY is True
+    assert m.ForwardAutograd(1, 2, 3, m.RRefFetchReturn(1, payload())).IS_REPLY is True
+    assert m.ForwardAutograd(1, 2, 3, m.RemoteCall(1, Gid(0, 1), Gid(0, 2), payload())).IS_REPLY is False
+
+
+# --- distributed autograd messages: layouts and malformed frames ---------------------------
+
+
+def test_forward_autograd_layout_is_its_header_then_the_inner_frame():
+    inner = m.PythonCall(77, payload())
+    frame = m.ForwardAutograd(77, -5, (1 << 48) | 3, inner).encode()
+    assert struct.unpack("<BQqQ", bytes(frame[0])) == (m.MessageType.FORWARD_AUTOGRAD, 77, -5, (1 << 48) | 3)
+    assert [bytes(b) for b in frame[1:]] == [bytes(b) for b in inner.encode()]
+    assert m.peek_msg_id(frame) == 77
+
+
+def test_forward_autograd_malformed():
+    call = wire(m.PythonCall(5, payload()).encode())
+    head = struct.pack("<BQqQ", m.MessageType.FORWARD_AUTOGRAD, 5, 1, 2)
+    assert m.decode([head, *call]).inner.msg_id == 5  # the well-formed version
+    with pytest.raises(ProtocolError, match="carries no message"):
+        m.decode([head])
+    with pytest.raises(ProtocolError, match="differs"):
+        m.decode([struct.pack("<BQqQ", m.MessageType.FORWARD_AUTOGRAD, 6, 1, 2), *call])
+    with pytest.raises(ProtocolError, match="may not wrap"):
+        m.decode([head, head, *call])
+    with pytest.raises(ProtocolError):  # the inner message is itself malformed
+        m.decode([head, call[0][:-1], *call[1:]])
+    with pytest.raises(ProtocolError, match="empty frame"):
+        m.decode([head, bytearray()])
+    with pytest.raises(ProtocolError, match="unknown message type"):
+        m.decode([head, bytes([99]) + struct.pack("<Q", 5)])
+    # a header with one field too few or too many
+    with pytest.raises(ProtocolError, match="header has"):
+        m.decode([struct.pack("<BQq", m.MessageType.FORWARD_AUTOGRAD, 5, 1), *call])
+    with pytest.raises(ProtocolError, match="header has"):
+        m.decode([struct.pack("<BQqQQ", m.MessageType.FORWARD_AUTOGRAD, 5, 1, 2, 3), *call])
+
+
+def test_backward_discover_malformed():
+    head = struct.pack("<BQqQ?", m.MessageType.BACKWARD_DISCOVER, 1, 2, 3, True)
+    ok = m.decode([head, struct.pack("<2Q", 7, 8)])
+    assert (ok.context_id, ok.pass_id, ok.retain_graph, ok.autograd_message_ids) == (2, 3, True, [7, 8])
+    assert m.decode([head, b""]).autograd_message_ids == []
+    with pytest.raises(ProtocolError, match="id list"):
+        m.decode([head])  # no id list at all
+    with pytest.raises(ProtocolError, match="id list"):
+        m.decode([head, b"\x00" * 12])  # not a whole number of u64s
+    with pytest.raises(ProtocolError):
+        m.decode([head, struct.pack("<Q", 7), struct.pack("<Q", 8)])  # two id lists
+    with pytest.raises(ProtocolError, match="header has"):
+        m.decode([struct.pack("<BQqQ", m.MessageType.BACKWARD_DISCOVER, 1, 2, 3), b""])  # no retain_graph
+    with pytest.raises(ProtocolError, match="header has"):
+        m.decode([struct.pack("<BQqQ?Q", m.MessageType.BACKWARD_DISCOVER, 1, 2, 3, True, 4), b""])
+
+
+def _meta(*entries):
+    """Tensor-list metadata: entries are None or (dtype code, shape)."""
+    out = b""
+    for e in entries:
+        if e is None:
+            out += struct.pack("<BBB", 0, 0, 0)
+        else:
+            code, shape = e
+            out += struct.pack("<BBB", 1, code, len(shape)) + struct.pack(f"<{len(shape)}Q", *shape)
+    return out
+
+
+def test_propagate_gradients_malformed():
+    head = struct.pack("<BQqQQ", m.MessageType.BACKWARD_AUTOGRAD_REQ, 1, 2, 3, 4)
+    f64 = 1  # tensor_codec.DTYPES index of float64
+    ok = m.decode([head, _meta((f64, (2,)), None), struct.pack("<2d", 1.0, 2.0)])
+    assert ok.grads[1] is None and ok.grads[0].tolist() == [1.0, 2.0] and ok.grads[0].dtype == torch.float64
+    assert m.decode([head, b""]).grads == []
+    with pytest.raises(ProtocolError, match="metadata buffer"):
+        m.decode([head])
+    with pytest.raises(ProtocolError, match="more tensors than buffers"):
+        m.decode([head, _meta((f64, (2,)))])
+    with pytest.raises(ProtocolError, match="left over"):
+        m.decode([head, _meta(None), struct.pack("<d", 1.0)])
+    with pytest.raises(ProtocolError, match="does not fit"):
+        m.decode([head, _meta((f64, (3,))), struct.pack("<2d", 1.0, 2.0)])
+    with pytest.raises(ProtocolError, match="bad tensor metadata"):
+        m.decode([head, _meta((200, (2,))), struct.pack("<2d", 1.0, 2.0)])  # unknown dtype code
+    with pytest.raises(ProtocolError, match="bad tensor metadata"):
+        m.decode([head, struct.pack("<BBB", 1, f64, 2) + struct.pack("<Q", 2), struct.pack("<2d", 1.0, 2.0)])
+    with pytest.raises(ProtocolError, match="bad tensor metadata"):
+        m.decode([head, struct.pack("<BBB", 1, f64, 65) + b"\x00" * 8 * 65, b""])  # ndim > 64
+    with pytest.raises(ProtocolError, match="truncated"):
+        m.decode([head, _meta(None) + b"\x01\x01"])  # a tensor head cut short
+    with pytest.raises(ProtocolError, match="header has"):
+        m.decode([struct.pack("<BQqQ", m.MessageType.BACKWARD_AUTOGRAD_REQ, 1, 2, 3), b""])
+    with pytest.raises(ProtocolError, match="header has"):
+        m.decode([struct.pack("<BQqQQQ", m.MessageType.BACKWARD_AUTOGRAD_REQ, 1, 2, 3, 4, 5), b""])
+
+
+def test_gradients_may_only_be_dense_cpu_tensors_of_known_dtypes():
+    with pytest.raises(TypeError):
+        m.PropagateGradients(1, 2, 3, 4, [torch.zeros(2, dtype=torch.uint16)]).encode()
+    with pytest.raises(TypeError):
+        m.PropagateGradients(1, 2, 3, 4, [torch.zeros(2).to_sparse()]).encode()
+
+
+def test_cleanup_and_rref_backward_malformed():
+    cleanup, rref_bw = m.MessageType.CLEANUP_AUTOGRAD_CONTEXT_REQ, m.MessageType.RREF_BACKWARD_REQ
+    assert m.decode([struct.pack("<BQq", cleanup, 1, -1)]) == m.CleanupAutogradContext(1, -1)
+    assert m.decode([struct.pack("<BQIQq?", rref_bw, 1, 2, 3, 4, True)]) == m.RRefBackward(1, Gid(2, 3), 4, True)
+    for bad in (struct.pack("<BQ", cleanup, 1), struct.pack("<BQqq", cleanup, 1, 2, 3),
+                struct.pack("<BQIQq", rref_bw, 1, 2, 3, 4), struct.pack("<BQIQq?Q", rref_bw, 1, 2, 3, 4, True, 5)):
+        with pytest.raises(ProtocolError, match="header has"):
+            m.decode([bad])
+        assert m.peek_msg_id([bad]) == 1  # the error reply can still be addressed
+
+
+def _noncanonical_bool(frame):
+    """Whether ``frame`` is a message whose header has a bool field holding a byte other than 0 or 1."""
+    try:
+        cls = m._REGISTRY[frame[0][0]]
+    except (IndexError, KeyError):
+        return False
+    if cls is m.ForwardAutograd:
+        return _noncanonical_bool(frame[1:])
+    offset = 1
+    for _, kind in cls.FIELDS:
+        size = struct.calcsize("<" + m._CODES[kind])
+        if kind == "bool" and offset < len(frame[0]) and frame[0][offset] not in (0, 1):
+            return True
+        offset += size
+    return False
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: bool header fields (struct '?') accept any byte: 2 decodes as True "
+                                       "and re-encodes as 1, so a malformed frame is taken as valid")
+@pytest.mark.parametrize("cls", [m.BackwardDiscover, m.RRefBackward])
+def test_bool_field_other_than_0_or_1_is_rejected(cls):
+    msg = next(e for e in examples() if type(e) is cls)
+    frame = wire(msg.encode())
+    assert not _noncanonical_bool(frame)
+    frame[0][-1] = 2  # retain_graph is the last header field of both
+    assert _noncanonical_bool(frame)
+    with pytest.raises(ProtocolError):
+        m.decode(frame)
 
