@@ -530,11 +530,6 @@ def _matrix(rank, world_size, plan):
     return out
 
 
-BUG_RESIDUAL = ("BUG: engine.LocalBackward._run_node runs one node per torch.autograd.grad call with the node's "
-                "next edges as inputs, but torch then also executes every node on a path between those edges "
-                "(e.g. Add(tanh(r), r): TanhBackward lies on a path to r's AccumulateGrad), so those nodes run "
-                "twice: 'backward through the graph a second time' (or, with retain_graph, double-counted grads). "
-                "Hit whenever a worker has another source still pending (sends, or root + sends).")
 
 MATRIX = [t for t in TOPOLOGIES if t not in ("from_b", "from_c", "rref_loss") and not t.startswith("residual")]
 RESIDUAL = [t for t in TOPOLOGIES if t.startswith("residual")]
@@ -567,7 +562,6 @@ def test_retain_graph_then_second_backward_accumulates(matrix_results, topo):
     check_result(topo, matrix_results[(topo, 2)], passes=2)
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_RESIDUAL)
 @pytest.mark.parametrize("topo,passes", [(t, 1) for t in RESIDUAL] + [("residual_on_caller", 2)])
 def test_residual_connections(topo, passes):
     out = run_workers(_matrix, 3, args=([(topo, passes)],), timeout=60)[0]
@@ -589,7 +583,6 @@ def _minimal_residual(rank, world_size):
     return out
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_RESIDUAL)
 def test_minimal_repro_residual_of_an_rpc_result():
     """with context(): y = rpc_sync(w1, torch.mul, (x, 2)); backward([(y + y.tanh()).sum()])."""
     assert run_workers(_minimal_residual, 2, timeout=60) == [True, None]
@@ -1087,9 +1080,6 @@ def _too_many_gradients(rank, world_size):
     return out
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: service.handle_propagate zips the send's tensors with msg.grads, so "
-                                       "extra gradients are silently dropped and the message is accepted; the "
-                                       "forged pass then runs and writes gradients into the context")
 def test_propagate_with_more_gradients_than_tensors_is_rejected():
     out = run_workers(_too_many_gradients, 2, timeout=60)[0]
     assert out["error"] is not None and "gradient" in out["error"]

@@ -191,21 +191,63 @@ class LocalBackward:
         self._done.add(nid)
         buf = self._buffers.pop(nid, {})
         nexts = [(nxt, nr) for nxt, nr in node.next_functions if nxt is not None]
+        if not buf or not nexts:
+            for e in nexts:
+                self._feed(e, None, ready, out)
+            return
+        self.executed += 1
         unique = list({(id(n), nr): (n, nr) for n, nr in nexts}.values())
-        grads: list[Optional[torch.Tensor]] = [None] * len(unique)
-        if buf and unique:
-            outs = [GradientEdge(node, nr) for nr in buf]
-            results = torch.autograd.grad(
-                outs, [GradientEdge(n, nr) for n, nr in unique], list(buf.values()),
-                retain_graph=self.retain_graph, allow_unused=True, materialize_grads=False,
-            )
-            grads = list(results)
-            self.executed += 1
+        if not self._engine_safe(node, unique):
+            with torch.no_grad():
+                results = self._call(node, buf)
+            for (n, nr), g in zip(node.next_functions, results):
+                if n is not None:
+                    self._feed((n, nr), g, ready, out)
+            return
+        grads = torch.autograd.grad(
+            [GradientEdge(node, nr) for nr in buf], [GradientEdge(n, nr) for n, nr in unique], list(buf.values()),
+            retain_graph=self.retain_graph, allow_unused=True, materialize_grads=False,
+        )
         by_edge = {(id(n), nr): g for (n, nr), g in zip(unique, grads)}
         for n, nr in nexts:
-            # a repeated edge gets the gradient once; the others only count down
-            g = by_edge.pop((id(n), nr), None)
-            self._feed((n, nr), g, ready, out)
+            # the engine gives a repeated edge its total once; the repeats only count down
+            self._feed((n, nr), by_edge.pop((id(n), nr), None), ready, out)
+
+    def _engine_safe(self, node: Any, nexts: list[Edge]) -> bool:
+        """Whether an engine call from ``node`` to its next edges runs ``node`` alone.
+
+        It does not when one next node leads to another (``x + f(x)``): the engine
+        would also run the nodes in between, which may not be ready yet.
+        """
+        targets = {id(n) for n, _ in nexts}
+        if len(targets) < 2:
+            return True
+        for start, _ in nexts:
+            stack, seen = [nxt for nxt, _ in start.next_functions if nxt is not None], set()
+            while stack:
+                cur = stack.pop()
+                if id(cur) in targets:
+                    return False
+                if id(cur) in seen or is_sink(cur):
+                    continue
+                seen.add(id(cur))
+                stack.extend(nxt for nxt, _ in cur.next_functions if nxt is not None)
+        return True
+
+    @staticmethod
+    def _call(node: Any, buf: dict[int, torch.Tensor]) -> tuple:
+        """Run one node by calling it, as the engine would, missing gradients as zeros for
+        Python functions (C++ nodes take None as the engine's undefined gradient)."""
+        meta = node._input_metadata
+        python_fn = hasattr(node, "_forward_cls")
+        grads = []
+        for nr, md in enumerate(meta):
+            g = buf.get(nr)
+            if g is None and python_fn:
+                g = torch.zeros(tuple(md.shape), dtype=md.dtype, device=md.device)
+            grads.append(g)
+        results = node.apply(*grads) if python_fn else node(*grads)
+        return results if isinstance(results, tuple) else (results,)
 
     def _run_rest(self, out: Outcome) -> None:
         """Every source has delivered: run all remaining nodes in one engine call."""

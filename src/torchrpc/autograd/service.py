@@ -158,6 +158,9 @@ class DistAutograd:
                                f"{msg.autograd_message_id} to worker {src}")
             if msg.autograd_message_id not in state.active_sends:
                 raise RPCError(f"send {msg.autograd_message_id} is not part of backward pass {msg.pass_id}")
+            if len(msg.grads) != len(ex.tensors):
+                raise RPCError(f"send {msg.autograd_message_id} has {len(ex.tensors)} tensors but "
+                               f"{len(msg.grads)} gradients arrived")
             for t, g in zip(ex.tensors, msg.grads):
                 if g is not None and g.shape != t.shape:
                     raise RPCError(f"gradient of shape {list(g.shape)} for a tensor of shape {list(t.shape)}")
@@ -193,7 +196,7 @@ class DistAutograd:
             raise errors[0]
 
     def _named(self, e: BaseException) -> BaseException:
-        if isinstance(e, DistBackwardError):
+        if isinstance(e, (DistBackwardError, UnknownContextError)):
             return e
         err = DistBackwardError(f"distributed backward failed on worker {self.agent.name!r}: "
                                 f"{type(e).__name__}: {e}")
@@ -223,7 +226,7 @@ class DistAutograd:
             self.contexts.get(msg.context_id)
             self.rref_backward(msg.rref_id, owner.value(), msg.context_id, msg.retain_graph)
         except BaseException as e:
-            self.agent.reply_error(src, msg.msg_id, e if isinstance(e, UnknownContextError) else self._named(e))
+            self.agent.reply_error(src, msg.msg_id, self._named(e))
             return
         self.agent.reply_ack(src, msg.msg_id)
 

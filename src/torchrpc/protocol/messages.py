@@ -72,7 +72,7 @@ class Payload:
 
 
 # field kinds -> struct codes; a "gid" is two fields (worker id, local id).
-_CODES = {"u32": "I", "u64": "Q", "i64": "q", "bool": "?", "gid": "IQ", "f64": "d"}
+_CODES = {"u32": "I", "u64": "Q", "i64": "q", "bool": "B", "gid": "IQ", "f64": "d"}
 
 _REGISTRY: dict[int, type["Message"]] = {}
 
@@ -138,6 +138,11 @@ class Message:
             if kind == "gid":
                 kwargs[name] = GloballyUniqueId(raw[i], raw[i + 1])
                 i += 2
+            elif kind == "bool":
+                if raw[i] > 1:
+                    raise ProtocolError(f"{cls.TYPE.name} field {name} is {raw[i]}, not a boolean (0 or 1)")
+                kwargs[name] = bool(raw[i])
+                i += 1
             else:
                 kwargs[name] = raw[i]
                 i += 1
