@@ -1,0 +1,7 @@
+"""``python -m torchrpc.bench``: see :mod:`torchrpc.bench`."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

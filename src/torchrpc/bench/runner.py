@@ -1,0 +1,350 @@
+"""Running the benchmark: the workload catalogue, iteration counts, and process rounds.
+
+A *round* of one workload on one backend is a group of fresh processes (multiprocessing
+'spawn'), started with a fresh MASTER_PORT, that run the same :func:`workloads.process_main`
+and report through a Queue. Every round has a timeout: a round that runs past it gets its
+processes' stacks dumped (SIGUSR1, faulthandler) into their logs, then is killed; the
+round is recorded as failed with the last stage each process reported and the log tails.
+No process outlives its round.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import workloads
+
+MiB = 1 << 20
+
+# --------------------------------------------------------------------------------------
+# Catalogue
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str      # the key the worker reports
+    label: str    # shown in the table
+    unit: str
+    better: str   # "lower" or "higher"
+
+
+@dataclass(frozen=True)
+class Workload:
+    wid: str
+    short: str    # for the table
+    title: str
+    world_size: int
+    metrics: tuple[Metric, ...]
+    reference: str | None = None   # an extra non-RPC "backend" measured alongside
+
+
+WORKLOADS: dict[str, Workload] = {w.wid: w for w in [
+    Workload("W1", "small-call latency", "small-call latency: rpc_sync(add, (1, 2))", 2,
+             (Metric("p50_us", "p50", "us", "lower"), Metric("p99_us", "p99", "us", "lower"))),
+    Workload("W2", "small-call throughput", "small-call throughput: 64 rpc_async in flight", 2,
+             (Metric("calls_per_s", "throughput", "calls/s", "higher"),)),
+    Workload("W3", "tensor round trip", "tensor round trip: identity(t), 2 x size / time", 2,
+             (Metric("gbps_1MiB", "1 MiB", "GB/s", "higher"), Metric("gbps_64MiB", "64 MiB", "GB/s", "higher"))),
+    Workload("W4", "remote + to_here", "remote(make_small_tensor) + to_here()", 2,
+             (Metric("p50_us", "p50 per pair", "us", "lower"),)),
+    Workload("W5", "model-parallel step", "2-stage MLP train step (3 procs, dist autograd + DistributedOptimizer)", 3,
+             (Metric("steps_per_s", "rate", "steps/s", "higher"),), reference="one-process"),
+    Workload("W6", "RRef.backward", "RRef.backward(ctx) from a non-owner", 2,
+             (Metric("p50_us", "p50", "us", "lower"),)),
+]}
+
+FLOORS: dict[str, tuple[str, str, Metric]] = {
+    "F1": ("TCP ping-pong", "raw Python TCP ping-pong, 64 B messages, TCP_NODELAY, 2 procs",
+           Metric("p50_us", "p50 round trip", "us", "lower")),
+    "F2": ("tensor copy", "64 MiB in-process dst.copy_(src), size / time",
+           Metric("gbps", "64 MiB", "GB/s", "higher")),
+}
+
+BACKENDS = ("torchrpc", "torch")
+
+# --------------------------------------------------------------------------------------
+# Iteration counts per mode
+# --------------------------------------------------------------------------------------
+
+MODES = ("full", "quick", "smoke")
+DEFAULT_ROUNDS = {"full": 3, "quick": 3, "smoke": 1}
+DEFAULT_ROUND_TIMEOUT = {"full": 180.0, "quick": 60.0, "smoke": 30.0}
+
+
+# (warm-up, timed) iterations; W2 counts calls, W5 training steps
+ITERATIONS: dict[str, dict[str, tuple[int, int]]] = {
+    "full": {"W1": (300, 5000), "W2": (1000, 20000), "W3_1MiB": (20, 300), "W3_64MiB": (3, 30),
+             "W4": (100, 2000), "W5": (3, 30), "W6": (30, 1000), "F1": (1000, 20000), "F2": (3, 50)},
+    "quick": {"W1": (100, 1000), "W2": (256, 3000), "W3_1MiB": (10, 80), "W3_64MiB": (2, 6),
+              "W4": (50, 300), "W5": (2, 8), "W6": (10, 150), "F1": (200, 3000), "F2": (2, 10)},
+    "smoke": {"W1": (5, 30), "W2": (64, 200), "W3_1MiB": (2, 5), "W3_64MiB": (1, 2),
+              "W4": (5, 20), "W5": (1, 2), "W6": (2, 10), "F1": (10, 100), "F2": (1, 3)},
+}
+
+
+def params_for(mode: str) -> dict[str, dict]:
+    """Per-workload parameters (warm-up and timed iterations) of a mode."""
+    n = ITERATIONS[mode]
+
+    def it(key: str) -> dict:
+        return {"warmup": n[key][0], "iters": n[key][1]}
+
+    return {
+        "W1": it("W1"),
+        "W2": {**it("W2"), "window": 64},
+        "W3": {"sizes": [("1MiB", MiB, *n["W3_1MiB"]), ("64MiB", 64 * MiB, *n["W3_64MiB"])]},
+        "W4": it("W4"),
+        "W5": it("W5"),
+        "W6": it("W6"),
+        "F1": {**it("F1"), "msg_bytes": 64},
+        "F2": {**it("F2"), "nbytes": 64 * MiB},
+    }
+
+# --------------------------------------------------------------------------------------
+# One round: a group of fresh processes
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class RoundResult:
+    status: str                     # "ok", "failed", "timeout", "skipped"
+    metrics: dict = field(default_factory=dict)
+    error: str = ""
+    wall_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict:
+        d: dict[str, Any] = {"status": self.status, "wall_s": round(self.wall_s, 3)}
+        if self.notes:
+            d["notes"] = self.notes
+        if self.metrics:
+            d["metrics"] = self.metrics
+        if self.error:
+            d["error"] = self.error
+        return d
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: str, lines: int = 40) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            text = f.read().splitlines()
+    except OSError:
+        return ""
+    return "\n".join(text[-lines:])
+
+
+def run_group(jobs: list[dict], timeout: float, logdir: str, label: str) -> RoundResult:
+    """Start one process per job, collect their reports, and make sure all of them are gone."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs: list[Any] = []
+    logs: list[str] = []
+    t_start = time.monotonic()
+    deadline = t_start + timeout
+    done: set[int] = set()
+    stages: dict[int, str] = {}
+    errors: dict[int, list[str]] = {}
+    metrics: dict = {}
+    crashed: dict[int, int] = {}
+    notes: list[str] = []
+    timed_out = False
+    try:
+        for i, job in enumerate(jobs):
+            job = dict(job, idx=i)
+            log = os.path.join(logdir, f"{label}-p{i}.log")
+            logs.append(log)
+            p = ctx.Process(target=workloads.process_main, args=(job, q, log), name=f"bench-{label}-p{i}")
+            p.start()
+            procs.append(p)
+
+        def handle(msg: tuple) -> None:
+            kind, idx, payload = msg
+            if kind == "stage":
+                stages[idx] = payload
+            elif kind == "result":
+                metrics.update(payload)
+            elif kind == "error":
+                errors.setdefault(idx, []).append(payload)
+            elif kind == "note":
+                notes.append(f"process {idx} ({_who(jobs[idx])}): {payload}")
+            elif kind == "done":
+                done.add(idx)
+
+        while len(done) < len(procs):
+            now = time.monotonic()
+            if now >= deadline:
+                timed_out = True
+                break
+            try:
+                handle(q.get(timeout=min(0.2, deadline - now)))
+                continue
+            except queue_mod.Empty:
+                pass
+            for i, p in enumerate(procs):
+                if i not in done and i not in crashed and not p.is_alive():
+                    # Died without saying "done" (a crash, or a kill from outside): what it did
+                    # put is already in the pipe; give the others a short while to notice.
+                    crashed[i] = p.exitcode
+                    deadline = min(deadline, time.monotonic() + 10.0)
+            if len(crashed) + len(done) >= len(procs):
+                try:
+                    while True:
+                        handle(q.get(timeout=0.2))
+                except queue_mod.Empty:
+                    pass
+                break
+    finally:
+        stragglers = _reap(procs, grace=10.0 if not timed_out else 0.0)
+        q.close()
+        q.join_thread()
+
+    wall = time.monotonic() - t_start
+    problems: list[str] = []
+    for i in sorted(errors):
+        for tb in errors[i]:
+            problems.append(f"process {i} ({_who(jobs[i])}) raised:\n{tb.rstrip()}")
+    for i, code in sorted(crashed.items()):
+        if i not in done:
+            problems.append(f"process {i} ({_who(jobs[i])}) exited with code {code} without reporting")
+    if timed_out or stragglers:
+        what = f"round timed out after {timeout:.0f} s" if timed_out else "processes did not exit after reporting"
+        lines = [what + "; last stage reported per process:"]
+        for i in range(len(procs)):
+            lines.append(f"  process {i} ({_who(jobs[i])}): {stages.get(i, '(none)')}"
+                         + ("" if i in done else "  [never finished]"))
+        problems.append("\n".join(lines))
+    if problems:
+        tails = []
+        for i, log in enumerate(logs):
+            if not (timed_out or stragglers or i in crashed):
+                continue   # it reported and exited: its traceback, if any, says it all
+            t = _tail(log, 60 if timed_out else 25)
+            if t.strip():
+                tails.append(f"--- log of process {i} ({_who(jobs[i])}) ---\n{t}")
+        status = "timeout" if timed_out else "failed"
+        return RoundResult(status, metrics, "\n".join(problems + tails), wall, notes)
+    if not metrics:
+        return RoundResult("failed", {}, "no measurement reported", wall, notes)
+    return RoundResult("ok", metrics, "", wall, notes)
+
+
+def _who(job: dict) -> str:
+    if job["kind"] == "rpc":
+        return f"{job['backend']} worker{job['rank']}"
+    return job["kind"]
+
+
+def _reap(procs: list[Any], grace: float) -> list[int]:
+    """Join every process; dump stacks of, then kill, those still alive after ``grace``. Returns their pids."""
+    end = time.monotonic() + grace
+    for p in procs:
+        p.join(max(0.0, end - time.monotonic()))
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        try:
+            os.kill(p.pid, signal.SIGUSR1)   # faulthandler: every thread's stack into the log
+        except ProcessLookupError:
+            pass
+    if alive:
+        time.sleep(1.0)
+    for p in alive:
+        p.terminate()
+    for p in alive:
+        p.join(3.0)
+        if p.is_alive():
+            p.kill()
+            p.join(5.0)
+    pids = [p.pid for p in alive]
+    for p in procs:
+        if not p.is_alive():
+            p.close()
+    return pids
+
+# --------------------------------------------------------------------------------------
+# The whole run
+# --------------------------------------------------------------------------------------
+
+
+def rpc_jobs(w: Workload, backend: str, params: dict) -> list[dict]:
+    port = free_port()
+    return [{"kind": "rpc", "backend": backend, "workload": w.wid, "rank": r, "world_size": w.world_size,
+             "port": port, "params": params} for r in range(w.world_size)]
+
+
+def floor_jobs(params: dict, accept_timeout: float) -> list[dict]:
+    """Both floors in one round: a TCP client (which then does the copy) and a TCP echo server."""
+    tcp = dict(params["F1"], port=free_port(), accept_timeout=accept_timeout)
+    return [{"kind": "floors_client", "params": {"tcp": tcp, "copy": params["F2"]}},
+            {"kind": "tcp_server", "params": tcp}]
+
+
+@dataclass
+class BenchRun:
+    mode: str
+    rounds: int
+    round_timeout: float
+    # (id, backend) -> one RoundResult per round; backend is "torchrpc", "torch",
+    # a workload's reference ("one-process") or "floor"
+    results: dict[tuple[str, str], list[RoundResult]] = field(default_factory=dict)
+    wall_s: float = 0.0
+    source: dict = field(default_factory=dict)   # versions, torchrpc commit (see cli.provenance)
+
+
+def run_bench(selected: list[str], mode: str, rounds: int, round_timeout: float, floors: bool, logdir: str,
+              progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> BenchRun:
+    params = params_for(mode)
+    run = BenchRun(mode, rounds, round_timeout)
+    t0 = time.monotonic()
+
+    def note(wid: str, r: int, backend: str, res: RoundResult) -> None:
+        run.results.setdefault((wid, backend), []).append(res)
+        shown = " ".join(f"{k}={v:.4g}" for k, v in res.metrics.items()) if res.status == "ok" else \
+            (res.error.splitlines() or [""])[0]
+        progress(f"[{time.monotonic() - t0:6.1f}s] {wid} round {r + 1}/{rounds} {backend:<11} "
+                 f"{res.status:<7} {shown} ({res.wall_s:.1f} s)")
+        for n in res.notes:
+            progress(f"          note: {n}")
+
+    if floors:
+        for r in range(rounds):
+            res = run_group(floor_jobs(params, round_timeout), round_timeout, logdir, f"floors-r{r}")
+            for fid, (_, _, m) in FLOORS.items():
+                part = RoundResult(res.status, {k: v for k, v in res.metrics.items() if k == m.key},
+                                   res.error, res.wall_s, res.notes)
+                if res.status == "ok" and not part.metrics:
+                    part.status, part.error = "failed", f"no {m.key} reported"
+                note(fid, r, "floor", part)
+
+    for wid in selected:
+        w = WORKLOADS[wid]
+        backends = list(BACKENDS) + ([w.reference] if w.reference else [])
+        hung: set[str] = set()
+        for r in range(rounds):
+            for backend in backends:
+                if backend in hung:   # don't spend another full timeout on a backend that hangs here
+                    note(wid, r, backend, RoundResult("skipped", error="skipped: an earlier round timed out"))
+                    continue
+                if backend == "one-process":
+                    jobs = [{"kind": "local_w5", "params": params[wid]}]
+                else:
+                    jobs = rpc_jobs(w, backend, params[wid])
+                res = run_group(jobs, round_timeout, logdir, f"{wid}-r{r}-{backend}")
+                if res.status == "timeout":
+                    hung.add(backend)
+                note(wid, r, backend, res)
+    run.wall_s = time.monotonic() - t0
+    return run

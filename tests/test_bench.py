@@ -1,0 +1,64 @@
+"""``python -m torchrpc.bench`` runs end to end on both backends and reports every workload.
+
+Runs the hidden ``--smoke`` mode (1 round, a few iterations per workload, still torchrpc *and*
+torch.distributed.rpc, the one-process W5 baseline and the floors) as a subprocess, and checks
+the table and the JSON lines. It asserts nothing about speed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.timeout(120)
+
+SRC = pathlib.Path(__file__).resolve().parent.parent / "src"
+
+EXPECTED = {
+    ("W1", "p50_us"), ("W1", "p99_us"), ("W2", "calls_per_s"), ("W3", "gbps_1MiB"), ("W3", "gbps_64MiB"),
+    ("W4", "p50_us"), ("W5", "steps_per_s"), ("W6", "p50_us"),
+}
+
+
+def test_bench_smoke_prints_table_and_json_lines(tmp_path):
+    out = tmp_path / "bench.jsonl"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-m", "torchrpc.bench", "--smoke", "--json", str(out)],
+                          capture_output=True, text=True, timeout=100, env=env)
+    report = f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proc.returncode == 0, report
+
+    # The table: one line per workload/metric, both backends, the ratio; the W5 baseline; the floors.
+    table = proc.stdout
+    for wid in ("W1", "W2", "W3", "W4", "W5", "W6"):
+        assert re.search(rf"^{wid} \S", table, re.MULTILINE), f"{wid} missing from the table\n{report}"
+    for needle in ("torchrpc/torch", "one process", "torchrpc/one-process", "torch/one-process",
+                   "F1 TCP ping-pong", "F2 tensor copy"):
+        assert needle in table, f"{needle!r} missing from the table\n{report}"
+    assert "FAILED" not in table, report
+
+    # The JSON lines: the same rows, with every number and the raw per-round values.
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    compare = {(r["workload"], r["key"]): r for r in rows if r["kind"] == "compare"}
+    assert set(compare) == EXPECTED
+    for key, row in compare.items():
+        for backend in ("torchrpc", "torch"):
+            s = row[backend]
+            assert s["rounds"] == 1 and s["rounds_ok"] == 1, (key, backend, s)
+            assert len(s["values"]) == 1 and s["values"][0] > 0, (key, backend, s)
+            assert s["median"] > 0 and s["min"] <= s["median"] <= s["max"], (key, backend, s)
+        assert row["ratio_torchrpc_over_torch"] == pytest.approx(row["torchrpc"]["median"] / row["torch"]["median"])
+        assert row["better"] in ("lower", "higher") and row["verdict"].split()[0] in ("torchrpc", "torch")
+    w5 = compare[("W5", "steps_per_s")]
+    assert w5["one_process"]["median"] > 0
+    assert w5["ratio_torchrpc_over_one_process"] > 0 and w5["ratio_torch_over_one_process"] > 0
+
+    floors = {r["workload"]: r for r in rows if r["kind"] == "floor"}
+    assert set(floors) == {"F1", "F2"}
+    for row in floors.values():
+        assert row["floor"]["median"] > 0 and row["floor"]["values"], row
