@@ -71,11 +71,24 @@ def pair(listener):
     server.close()
 
 
+def client_handshake(sock):
+    """Do the connector's side of the transport handshake by hand (asking for no shared memory)."""
+    hello = b"torchrpc-tcp/1"
+    sock.sendall(struct.pack("<I3Q", 3, len(hello), 0, 0) + hello)
+    reply = b""
+    while len(reply) < 4 + 8 + 3:
+        chunk = sock.recv(64)
+        assert chunk, "listener closed during the handshake"
+        reply += chunk
+    assert reply[-3:] == b"tcp"
+
+
 def raw_client(listener):
-    """A plain socket connected to ``listener``, and the accepted Connection."""
+    """A plain socket connected to ``listener`` (handshake done), and the accepted Connection."""
     host, port = tcp._parse(listener.address.partition("://")[2])
     acc = Bg(listener.accept)
     sock = socket.create_connection((host, port), timeout=10)
+    client_handshake(sock)
     return sock, acc.result()
 
 
@@ -251,8 +264,21 @@ def test_close_unblocks_recv(pair):
         server.recv()
 
 
-def test_close_unblocks_a_sender_stuck_on_a_full_socket(pair):
-    client, server = pair
+@pytest.fixture
+def tcp_pair(listener, monkeypatch):
+    """(client, server) connections with the shared-memory path off: everything on the socket."""
+    monkeypatch.setenv("TORCHRPC_SHM", "0")
+    acc = Bg(listener.accept)
+    client = transport.connect(listener.address, timeout=10)
+    server = acc.result()
+    assert not client.uses_shm and not server.uses_shm
+    yield client, server
+    client.close()
+    server.close()
+
+
+def test_close_unblocks_a_sender_stuck_on_a_full_socket(tcp_pair):
+    client, server = tcp_pair
     stuck = Bg(client.send, [bytes(64 << 20)])  # nobody reads: fills the socket buffers
     time.sleep(0.3)
     client.close()

@@ -8,19 +8,26 @@ deserializer then uses as tensor storage.
 """
 from __future__ import annotations
 
+import logging
 import socket
 import struct
 import threading
 import time
-from typing import Sequence
+from typing import Optional, Sequence
 
+from . import shm
 from .base import Connection, ConnectionClosed, Listener, register_scheme
+
+log = logging.getLogger("torchrpc")
 
 _COUNT = struct.Struct("<I")
 _IOV_MAX = 512
 #: Frames claiming more buffers, or more bytes, than this are rejected before any allocation.
 MAX_BUFFERS = 1 << 16
 MAX_FRAME_BYTES = 1 << 36
+#: In a length, this bit says the buffer is in shared memory: a descriptor travels instead.
+_SHM_BIT = 1 << 63
+_HANDSHAKE_TIMEOUT = 10.0
 
 
 def _parse(hostport: str) -> tuple[str, int]:
@@ -51,12 +58,23 @@ class TCPConnection(Connection):
         self._closed = False
         self.peer = peer
         self.frames_sent = self.bytes_sent = self.frames_received = self.bytes_received = 0
+        #: set when the peer shares this host's memory (see :func:`_negotiate`)
+        self._shm_tx: Optional[shm.ShmSender] = None
+        self._shm_rx: Optional[shm.ShmReceiver] = None
+
+    @property
+    def uses_shm(self) -> bool:
+        return self._shm_tx is not None
 
     def send(self, frame: Sequence) -> None:
+        lengths = [memoryview(b).nbytes for b in frame]
+        if self._shm_tx is not None and max(lengths, default=0) >= shm.THRESHOLD:
+            frame, wire = self._through_shm(frame, lengths)
+        else:
+            wire = lengths
         views = _views(frame)
         # zero-length buffers are kept in the count so the receiver sees them
-        lengths = [memoryview(b).nbytes for b in frame]
-        views.insert(0, memoryview(struct.pack(f"<I{len(lengths)}Q", len(lengths), *lengths)))
+        views.insert(0, memoryview(struct.pack(f"<I{len(wire)}Q", len(wire), *wire)))
         with self._send_lock:
             if self._closed:
                 raise ConnectionClosed(f"connection to {self.peer} is closed")
@@ -69,6 +87,19 @@ class TCPConnection(Connection):
                     self._sendmsg_all(views)
             except OSError as e:
                 raise ConnectionClosed(f"send to {self.peer} failed: {e}") from e
+
+    def _through_shm(self, frame: Sequence, lengths: list[int]) -> tuple[list, list[int]]:
+        """Move the large buffers of a frame into shared memory; (frame to send, wire lengths)."""
+        out, wire = [], []
+        for b, n in zip(frame, lengths):
+            desc = self._shm_tx.put(memoryview(b).cast("B")) if n >= shm.THRESHOLD else None  # type: ignore[union-attr]
+            if desc is None:
+                out.append(b)
+                wire.append(n)
+            else:
+                out.append(desc)
+                wire.append(_SHM_BIT | len(desc))
+        return out, wire
 
     def _sendmsg_all(self, views: list[memoryview]) -> None:
         sock = self._sock
@@ -96,6 +127,35 @@ class TCPConnection(Connection):
                 raise ConnectionClosed(f"connection to {self.peer} closed")
             got += n
 
+    def _recv_shm(self, n: int) -> object:
+        if self._shm_rx is None or n != shm.DESCRIPTOR.size:
+            raise ConnectionClosed(f"unexpected shared-memory buffer from {self.peer}; closing")
+        desc = bytearray(n)
+        self._read_exact(memoryview(desc))
+        try:
+            return self._shm_rx.get(bytes(desc))
+        except (OSError, ValueError) as e:
+            raise ConnectionClosed(f"bad shared-memory buffer from {self.peer}: {e}; closing") from e
+
+    def recv_limited(self, max_bytes: int) -> list:
+        """Receive a frame during the handshake, refusing one bigger than ``max_bytes``."""
+        head = bytearray(4)
+        self._read_exact(memoryview(head))
+        (count,) = _COUNT.unpack(head)
+        if count > 8:
+            raise ConnectionClosed(f"handshake frame from {self.peer} claims {count} buffers")
+        lens_raw = bytearray(8 * count)
+        self._read_exact(memoryview(lens_raw))
+        lengths = struct.unpack(f"<{count}Q", lens_raw)
+        if sum(lengths) > max_bytes:
+            raise ConnectionClosed(f"handshake frame from {self.peer} is too large")
+        frame = []
+        for n in lengths:
+            b = bytearray(n)
+            self._read_exact(memoryview(b))
+            frame.append(b)
+        return frame
+
     def recv(self) -> list:
         head = bytearray(4)
         self._read_exact(memoryview(head))
@@ -105,10 +165,13 @@ class TCPConnection(Connection):
         lens_raw = bytearray(8 * count)
         self._read_exact(memoryview(lens_raw))
         lengths = struct.unpack(f"<{count}Q", lens_raw)
-        if sum(lengths) > MAX_FRAME_BYTES:
+        if sum(n & ~_SHM_BIT for n in lengths) > MAX_FRAME_BYTES:
             raise ConnectionClosed(f"frame from {self.peer} claims {sum(lengths)} bytes; closing")
         frame = []
         for n in lengths:
+            if n & _SHM_BIT:
+                frame.append(self._recv_shm(n & ~_SHM_BIT))
+                continue
             try:
                 b = bytearray(n)
             except MemoryError:
@@ -136,6 +199,10 @@ class TCPConnection(Connection):
             self._sock.close()
         except OSError:
             pass
+        if self._shm_tx is not None:
+            self._shm_tx.close()
+        if self._shm_rx is not None:
+            self._shm_rx.close()
 
 
 class TCPListener(Listener):
@@ -152,14 +219,21 @@ class TCPListener(Listener):
         self._closed = False
 
     def accept(self) -> Connection:
-        try:
-            sock, addr = self._sock.accept()
-        except OSError as e:
-            raise ConnectionClosed(f"listener {self.address} closed") from e
-        if self._closed:
-            sock.close()
-            raise ConnectionClosed(f"listener {self.address} closed")
-        return TCPConnection(sock, f"tcp://{addr[0]}:{addr[1]}")
+        while True:
+            try:
+                sock, addr = self._sock.accept()
+            except OSError as e:
+                raise ConnectionClosed(f"listener {self.address} closed") from e
+            if self._closed:
+                sock.close()
+                raise ConnectionClosed(f"listener {self.address} closed")
+            conn = TCPConnection(sock, f"tcp://{addr[0]}:{addr[1]}")
+            try:
+                _negotiate(conn, initiator=False)
+                return conn
+            except (ConnectionClosed, OSError, ValueError) as e:
+                log.warning("torchrpc: connection from %s failed the transport handshake: %s", conn.peer, e)
+                conn.close()
 
     def close(self) -> None:
         self._closed = True
@@ -177,7 +251,13 @@ def _connect(hostport: str, timeout: float) -> Connection:
     while True:
         try:
             sock = socket.create_connection((host, port), timeout=max(0.1, deadline - time.monotonic()))
-            return TCPConnection(sock, f"tcp://{hostport}")
+            conn = TCPConnection(sock, f"tcp://{hostport}")
+            try:
+                _negotiate(conn, initiator=True)
+            except (OSError, ValueError) as e:
+                conn.close()
+                raise ConnectionClosed(f"handshake with tcp://{hostport} failed: {e}") from e
+            return conn
         except OSError as e:
             if time.monotonic() + delay >= deadline:
                 raise ConnectionClosed(f"could not connect to tcp://{hostport}: {e}") from e
@@ -186,3 +266,34 @@ def _connect(hostport: str, timeout: float) -> Connection:
 
 
 register_scheme("tcp", TCPListener, _connect)
+
+
+_HELLO = b"torchrpc-tcp/1"
+
+
+def _negotiate(conn: TCPConnection, initiator: bool) -> None:
+    """Agree on the shared-memory path: on only if both want it and the acceptor can open
+    a probe segment the connector made (then they share this host's memory)."""
+    conn._sock.settimeout(_HANDSHAKE_TIMEOUT)
+    try:
+        if initiator:
+            probe = shm.make_probe() if shm.enabled() else None
+            try:
+                conn.send([_HELLO, probe[0].encode() if probe else b"", probe[1] if probe else b""])
+                answer = conn.recv_limited(64)
+            finally:
+                if probe:
+                    shm.remove_probe(probe[0])
+            use = answer == [b"shm"]
+        else:
+            hello = conn.recv_limited(256)
+            if len(hello) != 3 or bytes(hello[0]) != _HELLO:
+                raise ValueError("not a torchrpc connection")
+            name = bytes(hello[1]).decode("ascii", "replace")
+            use = bool(name) and shm.enabled() and shm.check_probe(name, bytes(hello[2]))
+            conn.send([b"shm" if use else b"tcp"])
+    finally:
+        conn._sock.settimeout(None)
+    conn.frames_sent = conn.bytes_sent = conn.frames_received = conn.bytes_received = 0
+    if use:
+        conn._shm_tx, conn._shm_rx = shm.ShmSender(), shm.ShmReceiver()
