@@ -71,16 +71,22 @@ def pair(listener):
     server.close()
 
 
-def client_handshake(sock):
-    """Do the connector's side of the transport handshake by hand (asking for no shared memory)."""
-    hello = b"torchrpc-tcp/1"
-    sock.sendall(struct.pack("<I3Q", 3, len(hello), 0, 0) + hello)
-    reply = b""
-    while len(reply) < 4 + 8 + 3:
-        chunk = sock.recv(64)
+def _read_n(sock, n):
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
         assert chunk, "listener closed during the handshake"
-        reply += chunk
-    assert reply[-3:] == b"tcp"
+        data += chunk
+    return data
+
+
+def client_handshake(sock):
+    """Do the connector's side of the transport handshake by hand (no secret, no shared memory)."""
+    hello, nonce = b"torchrpc-tcp/2", bytes(32)
+    sock.sendall(struct.pack("<I2Q", 2, len(hello), len(nonce)) + hello + nonce)
+    _read_n(sock, 4 + 16 + 32)  # [nonce_s, empty mac]
+    sock.sendall(struct.pack("<I3Q", 3, 0, 0, 0))  # [empty proof, no probe]
+    assert _read_n(sock, 4 + 8 + 3)[-3:] == b"tcp"
 
 
 def raw_client(listener):

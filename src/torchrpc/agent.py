@@ -235,7 +235,8 @@ class Agent:
         """Listen, publish our address, learn everyone's, and connect to every peer."""
         timeout = self.rpc_timeout or 300.0
         try:
-            self._listener = listen(f"tcp://{rdzv.listen_host(self._rv.master_host)}:0")
+            self._secret = rdzv.job_secret(self._rv.store, self.rank, getattr(self.options, "secret", None))
+            self._listener = listen(f"tcp://{rdzv.listen_host(self._rv.master_host)}:0", self._secret)
             self._spawn(self._watchdog, "watchdog")
             self._spawn(self._accept_loop, "acceptor")
             rdzv.publish(self._rv.store, self.rank, {"name": self.name, "address": self._listener.address})
@@ -250,7 +251,10 @@ class Agent:
                 self._by_name = {w.name: w for w in self.workers}
                 self._conn_ready.notify_all()  # the acceptor may be waiting for the names
             for peer in range(self.rank):
-                conn = connect(infos[peer]["address"], timeout)
+                try:
+                    conn = connect(infos[peer]["address"], timeout, self._secret)
+                except ConnectionClosed as e:
+                    raise RPCError(f"cannot connect to worker {infos[peer]['name']!r}: {e}") from e
                 conn.send(m.Hello(0, self.rank, self.name).encode())
                 self._add_connection(peer, conn)
             deadline = time.monotonic() + timeout

@@ -34,6 +34,9 @@ class RpcBackendOptions:
             TensorPipeRpcBackendOptions. torchrpc moves CPU tensors; giving a
             CUDA device where CUDA is unavailable is an error.
         _transports, _channels: TensorPipe tuning knobs, accepted and ignored.
+        secret: bytes (or str) every connection between the job's workers must prove
+            knowledge of (HMAC challenge-response). Default: TORCHRPC_SECRET from the
+            environment, else a random secret rank 0 hands out through the store.
     """
 
     def __init__(
@@ -46,6 +49,7 @@ class RpcBackendOptions:
         devices: Optional[list[Any]] = None,
         _transports: Optional[list] = None,
         _channels: Optional[list] = None,
+        secret: Optional[bytes | str] = None,
     ) -> None:
         if not isinstance(num_worker_threads, int) or num_worker_threads < 1:
             raise ValueError(f"num_worker_threads must be a positive int, got {num_worker_threads!r}")
@@ -64,6 +68,9 @@ class RpcBackendOptions:
             self.devices.append(_cuda_device(d, "devices"))
         self._transports = _transports
         self._channels = _channels
+        if secret is not None and not isinstance(secret, (bytes, str)):
+            raise TypeError(f"secret must be bytes or str, got {type(secret).__name__}")
+        self.secret: Optional[bytes] = secret.encode() if isinstance(secret, str) else secret
 
     def set_device_map(self, to: str, device_map: dict[Any, Any]) -> None:
         """Map this worker's devices to the callee's (CUDA only; checked here)."""

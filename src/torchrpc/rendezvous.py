@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import secrets
 import socket
 import time
 from dataclasses import dataclass
@@ -143,3 +144,18 @@ def barrier(
         delay = min(delay * 2, 0.02)
     return gone
 
+
+
+def job_secret(store: dist.Store, rank: int, given: Optional[bytes]) -> bytes:
+    """The secret every connection of this job must prove: ``given`` (the option), else
+    TORCHRPC_SECRET, else one rank 0 generates and hands out through the store."""
+    if given is not None:
+        return given
+    env = os.environ.get("TORCHRPC_SECRET")
+    if env:
+        return env.encode()
+    if rank == 0:
+        token = secrets.token_bytes(32)
+        store.set("auth/secret", token)
+        return token
+    return bytes(store.get("auth/secret"))

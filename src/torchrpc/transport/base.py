@@ -7,7 +7,7 @@ agent never sees sockets, and nothing here knows what a frame means.
 from __future__ import annotations
 
 import abc
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 
 class ConnectionClosed(ConnectionError):
@@ -52,13 +52,13 @@ class Listener(abc.ABC):
         """Stop accepting; a blocked ``accept`` returns with ConnectionClosed."""
 
 
-_schemes: dict[str, tuple[Callable[[str], Listener], Callable[[str, float], Connection]]] = {}
+_schemes: dict[str, tuple[Callable[..., Listener], Callable[..., Connection]]] = {}
 
 
 def register_scheme(
     scheme: str,
-    listen: Callable[[str], Listener],
-    connect: Callable[[str, float], Connection],
+    listen: Callable[..., Listener],
+    connect: Callable[..., Connection],
 ) -> None:
     """Make ``scheme://`` addresses use these functions."""
     _schemes[scheme] = (listen, connect)
@@ -73,13 +73,18 @@ def _split(address: str) -> tuple[tuple, str]:
     return _schemes[scheme], rest
 
 
-def listen(address: str) -> Listener:
-    """Listen at ``address``; a port of 0 picks a free one (see ``Listener.address``)."""
+def listen(address: str, secret: Optional[bytes] = None) -> Listener:
+    """Listen at ``address``; a port of 0 picks a free one (see ``Listener.address``).
+
+    With a ``secret``, only connectors that prove they know it are accepted; the others
+    are closed and logged before anything they sent is decoded.
+    """
     (fn, _), rest = _split(address)
-    return fn(rest)
+    return fn(rest, secret)
 
 
-def connect(address: str, timeout: float = 30.0) -> Connection:
-    """Connect to a listener at ``address``, trying for up to ``timeout`` seconds."""
+def connect(address: str, timeout: float = 30.0, secret: Optional[bytes] = None) -> Connection:
+    """Connect to a listener at ``address``, trying for up to ``timeout`` seconds; with a
+    ``secret``, both sides prove knowledge of it before the connection is returned."""
     (_, fn), rest = _split(address)
-    return fn(rest, timeout)
+    return fn(rest, timeout, secret)

@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Optional, Sequence
 
-from . import shm
+from . import auth, shm
 from .base import Connection, ConnectionClosed, Listener, register_scheme
 
 log = logging.getLogger("torchrpc")
@@ -206,7 +206,8 @@ class TCPConnection(Connection):
 
 
 class TCPListener(Listener):
-    def __init__(self, hostport: str) -> None:
+    def __init__(self, hostport: str, secret: Optional[bytes] = None) -> None:
+        self._secret = secret
         host, port = _parse(hostport)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._sock = socket.socket(family, socket.SOCK_STREAM)
@@ -229,7 +230,7 @@ class TCPListener(Listener):
                 raise ConnectionClosed(f"listener {self.address} closed")
             conn = TCPConnection(sock, f"tcp://{addr[0]}:{addr[1]}")
             try:
-                _negotiate(conn, initiator=False)
+                _negotiate(conn, initiator=False, secret=self._secret)
                 return conn
             except (ConnectionClosed, OSError, ValueError) as e:
                 log.warning("torchrpc: connection from %s failed the transport handshake: %s", conn.peer, e)
@@ -244,7 +245,7 @@ class TCPListener(Listener):
         self._sock.close()
 
 
-def _connect(hostport: str, timeout: float) -> Connection:
+def _connect(hostport: str, timeout: float, secret: Optional[bytes] = None) -> Connection:
     host, port = _parse(hostport)
     deadline = time.monotonic() + timeout
     delay = 0.01
@@ -253,7 +254,7 @@ def _connect(hostport: str, timeout: float) -> Connection:
             sock = socket.create_connection((host, port), timeout=max(0.1, deadline - time.monotonic()))
             conn = TCPConnection(sock, f"tcp://{hostport}")
             try:
-                _negotiate(conn, initiator=True)
+                _negotiate(conn, initiator=True, secret=secret)
             except (OSError, ValueError) as e:
                 conn.close()
                 raise ConnectionClosed(f"handshake with tcp://{hostport} failed: {e}") from e
@@ -268,29 +269,46 @@ def _connect(hostport: str, timeout: float) -> Connection:
 register_scheme("tcp", TCPListener, _connect)
 
 
-_HELLO = b"torchrpc-tcp/1"
+_HELLO = b"torchrpc-tcp/2"
 
 
-def _negotiate(conn: TCPConnection, initiator: bool) -> None:
-    """Agree on the shared-memory path: on only if both want it and the acceptor can open
-    a probe segment the connector made (then they share this host's memory)."""
+def _negotiate(conn: TCPConnection, initiator: bool, secret: Optional[bytes]) -> None:
+    """The transport handshake: mutual authentication (:mod:`.auth`), then the shared-memory
+    path, on only if both want it and the acceptor can open a probe segment the connector
+    made (then they share this host's memory). Frames are size-capped throughout."""
     conn._sock.settimeout(_HANDSHAKE_TIMEOUT)
     try:
         if initiator:
+            nonce_c = auth.new_nonce()
+            conn.send([_HELLO, nonce_c])
+            reply = conn.recv_limited(128)
+            if len(reply) != 2:
+                raise auth.AuthenticationError(f"{conn.peer} answered the handshake with {len(reply)} buffers")
+            nonce_s = bytes(reply[0])
+            auth.check(secret, b"acceptor", nonce_c, nonce_s, reply[1], f"listener {conn.peer}")
             probe = shm.make_probe() if shm.enabled() else None
             try:
-                conn.send([_HELLO, probe[0].encode() if probe else b"", probe[1] if probe else b""])
+                conn.send([auth.mac(secret, b"connector", nonce_c, nonce_s),
+                           probe[0].encode() if probe else b"", probe[1] if probe else b""])
                 answer = conn.recv_limited(64)
             finally:
                 if probe:
                     shm.remove_probe(probe[0])
             use = answer == [b"shm"]
         else:
-            hello = conn.recv_limited(256)
-            if len(hello) != 3 or bytes(hello[0]) != _HELLO:
+            hello = conn.recv_limited(64)
+            if len(hello) != 2 or bytes(hello[0]) != _HELLO:
                 raise ValueError("not a torchrpc connection")
-            name = bytes(hello[1]).decode("ascii", "replace")
-            use = bool(name) and shm.enabled() and shm.check_probe(name, bytes(hello[2]))
+            nonce_c, nonce_s = bytes(hello[1]), auth.new_nonce()
+            if len(nonce_c) != auth.NONCE_BYTES:
+                raise auth.AuthenticationError("malformed challenge")
+            conn.send([nonce_s, auth.mac(secret, b"acceptor", nonce_c, nonce_s)])
+            proof = conn.recv_limited(256)
+            if len(proof) != 3:
+                raise auth.AuthenticationError(f"{conn.peer} sent a malformed proof")
+            auth.check(secret, b"connector", nonce_c, nonce_s, proof[0], f"connection from {conn.peer}")
+            name = bytes(proof[1]).decode("ascii", "replace")
+            use = bool(name) and shm.enabled() and shm.check_probe(name, bytes(proof[2]))
             conn.send([b"shm" if use else b"tcp"])
     finally:
         conn._sock.settimeout(None)
