@@ -1,6 +1,7 @@
 """A worker that dies: its peers' pending calls fail fast, naming it, and the rest carry on."""
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -94,3 +95,45 @@ def test_worker_survives_its_caller_dying():
         group.kill(0)
         results = group.join(60)
     assert results == [KILLED, "worker2", "worker1"]
+
+
+def _frozen_peer(rank, world_size, ready):
+    init(rank, world_size, rpc_timeout=60)
+    out = {}
+    if rank == 0:
+        fut = rpc.rpc_async("worker1", sleep_then, args=(30, "never"))
+        ready.set()  # the test now freezes worker1 with SIGSTOP: its sockets stay open and silent
+        t0 = time.monotonic()
+        try:
+            fut.wait()
+            out["error"] = "no error"
+        except RuntimeError as e:
+            out["error"] = str(e)
+        out["took"] = time.monotonic() - t0
+        out["others"] = rpc.rpc_sync("worker2", whoami)
+    elif rank == 1:
+        ready.wait(30)
+        time.sleep(60)
+    else:
+        ready.wait(30)
+        time.sleep(8)
+    rpc.shutdown()
+    return out
+
+
+def test_frozen_worker_is_detected_by_heartbeats_within_5s():
+    import signal
+
+    ready = get_context().Event()
+    with start_workers(_frozen_peer, 3, args=(ready,)) as group:
+        assert ready.wait(30)
+        os.kill(group.procs[1].pid, signal.SIGSTOP)
+        try:
+            time.sleep(7)
+        finally:
+            group.kill(1)  # SIGKILL works on a stopped process
+        results = group.join(60)
+    out = results[0]
+    assert "worker1" in out["error"] and "heartbeat" in out["error"], out
+    assert out["took"] < 5.0
+    assert out["others"] == "worker2"

@@ -96,6 +96,8 @@ def examples():
         m.RRefAck(9),
         m.Hello(10, 3, "worker3"),
         m.Hello(0, U32, ""),
+        m.Heartbeat(0),
+        m.Heartbeat(U64),
         # distributed autograd
         m.ForwardAutograd(11, (3 << 48) | 7, U64, m.PythonCall(11, payload())),
         m.ForwardAutograd(12, I64_MIN, 0, m.RRefFetchCall(12, Gid(1, 2))),  # fixed-layout inner message
@@ -219,6 +221,7 @@ _plain_message = st.one_of(
     st.builds(m.RRefChildAccept, u64, gids),
     st.builds(m.RRefAck, u64),
     st.builds(m.Hello, u64, u32, texts),
+    st.builds(m.Heartbeat, u64),
     st.builds(m.BackwardDiscover, u64, i64, u64, st.booleans(), st.lists(u64, max_size=5)),
     st.builds(m.PropagateGradients, u64, i64, u64, u64, st.lists(small_tensors, max_size=4)),
     st.builds(m.CleanupAutogradContext, u64, i64),
@@ -257,7 +260,7 @@ def test_empty_frame():
         m.decode([bytearray(), b"x"])
 
 
-@pytest.mark.parametrize("type_byte", [0, 13, 99, 255])
+@pytest.mark.parametrize("type_byte", [0, 14, 99, 255])
 def test_unknown_type_byte(type_byte):
     header = bytes([type_byte]) + struct.pack("<Q", 1)
     with pytest.raises(ProtocolError, match="unknown message type"):

@@ -17,6 +17,7 @@ future, which the reader completes: one thread hand-off each way.
 from __future__ import annotations
 
 import heapq
+import os
 import itertools
 import logging
 import queue
@@ -52,6 +53,11 @@ _tls = threading.local()
 ReplyCallback = Callable[[Optional[m.Message], Optional[BaseException]], None]
 #: (context id, autograd message id or 0) of a message sent inside a distributed autograd context
 AutogradTag = Optional[tuple[int, int]]
+
+
+#: Seconds between heartbeats on a quiet connection, and how many may be missed.
+HEARTBEAT_INTERVAL = float(os.environ.get("TORCHRPC_HEARTBEAT_INTERVAL", "1.0"))
+HEARTBEAT_MISSES = 3.5
 
 
 class UnknownWorkerError(RPCError, ValueError):
@@ -238,6 +244,7 @@ class Agent:
             self._secret = rdzv.job_secret(self._rv.store, self.rank, getattr(self.options, "secret", None))
             self._listener = listen(f"tcp://{rdzv.listen_host(self._rv.master_host)}:0", self._secret)
             self._spawn(self._watchdog, "watchdog")
+            self._spawn(self._heartbeat_loop, "heartbeat")
             self._spawn(self._accept_loop, "acceptor")
             rdzv.publish(self._rv.store, self.rank, {"name": self.name, "address": self._listener.address})
             infos = rdzv.gather(self._rv.store, self.world_size, timeout)
@@ -601,6 +608,8 @@ class Agent:
         try:
             msg = m.decode(frame)
             handler = None
+            if type(msg) is m.Heartbeat:
+                return None
             if not msg.IS_REPLY:
                 if isinstance(msg, m.ForwardAutograd):
                     tag, msg = (msg.context_id, msg.autograd_message_id), msg.inner
@@ -626,15 +635,16 @@ class Agent:
         return handler, (src, msg, tag)
 
     def _on_connection_lost(self, peer: int, conn: Connection, reason: str) -> None:
-        conn.close()
         with self._conn_ready:
-            if self._conns.get(peer) is conn:
+            first = self._conns.get(peer) is conn  # the reader and the heartbeat may both report it
+            if first:
                 del self._conns[peer]
             self._conn_ready.notify_all()
-        if self._closing and self._closed:
+        conn.close()
+        if not first or self._closed:
             return
         name = self.workers[peer].name if peer < len(self.workers) else str(peer)
-        self._dead[peer] = reason
+        self._dead.setdefault(peer, reason)
         if not self._closing:
             log.warning("torchrpc %s: lost worker %r: %s", self.name, name, reason)
         err = WorkerUnavailableError(f"worker {name!r} (id {peer}) is gone: {reason}")
@@ -654,6 +664,30 @@ class Agent:
 
     def is_alive(self, peer: int) -> bool:
         return peer == self.rank or peer not in self._dead
+
+    def _heartbeat_loop(self) -> None:
+        """Send a heartbeat on every connection quiet for an interval; declare a peer gone
+        when nothing at all has come from it for ``HEARTBEAT_MISSES`` intervals (a frozen
+        process or a cut link, which TCP alone would notice only after minutes)."""
+        interval = HEARTBEAT_INTERVAL
+        seen: dict[int, tuple[int, int, float, float]] = {}  # peer -> (sent, received, t_sent, t_received)
+        beat = m.Heartbeat(0).encode()
+        while not self._stop.wait(interval / 4):
+            now = time.monotonic()
+            for peer, conn in list(self._conns.items()):
+                sent, received = conn.frames_sent, conn.frames_received
+                prev = seen.get(peer)
+                t_sent = now if prev is None or sent != prev[0] else prev[2]
+                t_recv = now if prev is None or received != prev[1] else prev[3]
+                seen[peer] = (sent, received, t_sent, t_recv)
+                if now - t_recv > interval * HEARTBEAT_MISSES and not self._closing:
+                    self._on_connection_lost(peer, conn, f"no heartbeat for {now - t_recv:.1f} s")
+                    continue
+                if now - t_sent >= interval:
+                    try:
+                        conn.send(beat)
+                    except ConnectionClosed:
+                        pass
 
     def _watchdog(self) -> None:
         while not self._stop.wait(0.05):

@@ -38,6 +38,7 @@ class MessageType(enum.IntEnum):
     RREF_ACK = 10
     EXCEPTION = 11
     HELLO = 12
+    HEARTBEAT = 13
     # distributed autograd
     FORWARD_AUTOGRAD = 20
     BACKWARD_DISCOVER = 21
@@ -341,6 +342,18 @@ class Hello(Message):
     msg_id: int
     worker_id: int
     name: str
+
+
+@dataclass(slots=True)
+class Heartbeat(Message):
+    """Sent on a connection that has been quiet for a while; never answered.
+
+    Each side expects some frame from the other at least every few heartbeat
+    intervals; silence past that means the peer (or the link) is gone.
+    """
+
+    TYPE = MessageType.HEARTBEAT
+    msg_id: int
 
 
 # --- distributed autograd ------------------------------------------------------
