@@ -55,6 +55,46 @@ ReplyCallback = Callable[[Optional[m.Message], Optional[BaseException]], None]
 AutogradTag = Optional[tuple[int, int]]
 
 
+#: Control messages (RRef, autograd cleanup) are resent if unacknowledged after this many
+#: seconds (doubling each time), up to this many attempts.
+CONTROL_RETRY_INTERVAL = float(os.environ.get("TORCHRPC_CONTROL_RETRY", "2.0"))
+CONTROL_ATTEMPTS = 5
+
+
+class _Faults:
+    """Fault injection for tests (like PyTorch's faulty agent): drop or delay the next sends of
+    chosen message types. ``spec``: ``{"drop": {"RREF_USER_DELETE": 1, ...},
+    "delay": {"PYTHON_CALL": 0.5, ...}}`` (counts, and seconds)."""
+
+    def __init__(self, spec: dict) -> None:
+        known = {t.name for t in m.MessageType}
+        for kind in spec:
+            if kind not in ("drop", "delay"):
+                raise ValueError(f"fault kind must be 'drop' or 'delay', not {kind!r}")
+            for name in spec[kind]:
+                if name not in known:
+                    raise ValueError(f"unknown message type {name!r} in faults; known: {sorted(known)}")
+        self._drops = dict(spec.get("drop", {}))
+        self._delays = dict(spec.get("delay", {}))
+        self._lock = threading.Lock()
+        self.dropped: list[str] = []
+
+    def drop(self, frame: list) -> bool:
+        mtype = frame[0][0]
+        if mtype == m.MessageType.FORWARD_AUTOGRAD and len(frame) > 1:
+            mtype = frame[1][0]
+        name = m.MessageType(mtype).name
+        with self._lock:
+            if self._drops.get(name, 0) > 0:
+                self._drops[name] -= 1
+                self.dropped.append(name)
+                return True
+        delay = self._delays.get(name)
+        if delay:
+            time.sleep(delay)
+        return False
+
+
 #: Seconds between heartbeats on a quiet connection, and how many may be missed.
 HEARTBEAT_INTERVAL = float(os.environ.get("TORCHRPC_HEARTBEAT_INTERVAL", "1.0"))
 HEARTBEAT_MISSES = 3.5
@@ -210,6 +250,8 @@ class Agent:
         self._conns: dict[int, Connection] = {}
         self._dead: dict[int, str] = {}
         self._pending: dict[int, _Pending] = {}
+        self._retrying = 0  # control messages between a lost ack and their next attempt
+        self._faults = _Faults(options._faults) if getattr(options, "_faults", None) else None
         self._deadlines: list[tuple[float, int]] = []
         self._deadline_lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -354,6 +396,8 @@ class Agent:
             if job is not None:
                 self._pool.submit(job[0], *job[1])
             return
+        if self._faults is not None and self._faults.drop(frame):
+            return  # injected fault: lost on the wire
         conn = self._conns.get(dest) or self._await_connection(dest)
         if conn is None:
             why = self._dead.get(dest, "not connected")
@@ -556,8 +600,15 @@ class Agent:
             return
         self._pool.submit(self._send_control, dest, msg, on_done)
 
-    def _send_control(self, dest: int, msg: m.Message, on_done: Optional[Callable]) -> None:
+    def _send_control(self, dest: int, msg: m.Message, on_done: Optional[Callable], attempt: int = 1) -> None:
+        """Send an RRef or cleanup control message; they are idempotent, so one whose ack does not
+        come in time is sent again (``CONTROL_ATTEMPTS`` times, the wait doubling each time)."""
+
         def on_reply(reply: Optional[m.Message], error: Optional[BaseException]) -> None:
+            if isinstance(error, RPCTimeoutError) and attempt < CONTROL_ATTEMPTS and not self._closed:
+                self._retrying += 1
+                self._pool.submit(self._retry_control, dest, msg, on_done, attempt + 1)
+                return
             if error is None and not isinstance(reply, m.RRefAck):
                 error = self._reply_error(reply, dest)
             if error is not None:
@@ -565,10 +616,19 @@ class Agent:
             if on_done is not None:
                 self._on_pool(on_done, error)
 
+        timeout = CONTROL_RETRY_INTERVAL * 2 ** (attempt - 1)
+        if self.rpc_timeout:
+            timeout = min(timeout, self.rpc_timeout)
         try:
-            self._request(dest, msg, self.rpc_timeout, type(msg).__name__, on_reply)
+            self._request(dest, msg, timeout, type(msg).__name__, on_reply)
         except BaseException as e:
             on_reply(None, e)
+
+    def _retry_control(self, dest: int, msg: m.Message, on_done: Optional[Callable], attempt: int) -> None:
+        try:
+            self._send_control(dest, msg, on_done, attempt)
+        finally:
+            self._retrying -= 1
 
     def _on_pool(self, fn: Callable, *args: Any) -> None:
         """Run ``fn`` now if this is a pool thread, else queue it for the pool."""
@@ -895,7 +955,7 @@ class Agent:
 
     def _wait_quiet(self, deadline: float, what: str) -> None:
         delay = 0.001
-        while self._pending or self.ctx.has_pending():
+        while self._pending or self._retrying or self.ctx.has_pending():
             if time.monotonic() > deadline:
                 descs = sorted({f"{p.desc} to {self.workers[p.dest].name}" for p in list(self._pending.values())})
                 raise TimeoutError(f"shutdown timed out {what}: still waiting for {descs or 'RRef confirmations'}")

@@ -50,6 +50,7 @@ class RpcBackendOptions:
         _transports: Optional[list] = None,
         _channels: Optional[list] = None,
         secret: Optional[bytes | str] = None,
+        _faults: Optional[dict] = None,
     ) -> None:
         if not isinstance(num_worker_threads, int) or num_worker_threads < 1:
             raise ValueError(f"num_worker_threads must be a positive int, got {num_worker_threads!r}")
@@ -71,6 +72,8 @@ class RpcBackendOptions:
         if secret is not None and not isinstance(secret, (bytes, str)):
             raise TypeError(f"secret must be bytes or str, got {type(secret).__name__}")
         self.secret: Optional[bytes] = secret.encode() if isinstance(secret, str) else secret
+        #: fault injection for tests: see torchrpc.agent._Faults
+        self._faults = _faults
 
     def set_device_map(self, to: str, device_map: dict[Any, Any]) -> None:
         """Map this worker's devices to the callee's (CUDA only; checked here)."""

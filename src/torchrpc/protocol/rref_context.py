@@ -136,6 +136,9 @@ class RRefContext:
         self.owners: dict[GloballyUniqueId, OwnerRRef] = {}
         #: owner side: rref id -> fork ids the owner knows to be alive
         self.forks: dict[GloballyUniqueId, set[GloballyUniqueId]] = {}
+        #: owner side: rref id -> fork ids already deleted, so that a retried (late) fork
+        #: request for one of them is not taken for a new fork
+        self.deleted_forks: dict[GloballyUniqueId, set[GloballyUniqueId]] = {}
         #: user side: fork id -> UserRRef waiting for the owner's confirmation (kept alive)
         self.pending_users: dict[GloballyUniqueId, UserRRef] = {}
         #: parent side: child fork id -> parent handle kept alive until the child accepts (G2)
@@ -287,6 +290,8 @@ class RRefContext:
 
     def on_fork_request(self, rref_id: GloballyUniqueId, fork_id: GloballyUniqueId) -> None:
         with self._lock:
+            if fork_id in self.deleted_forks.get(rref_id, ()):
+                return  # a retry of a request whose fork has come and gone
             self.get_or_create_owner(rref_id)
             self.forks.setdefault(rref_id, set()).add(fork_id)
 
@@ -306,8 +311,10 @@ class RRefContext:
             return None
         forks.discard(fork_id)
         if forks:
+            self.deleted_forks.setdefault(rref_id, set()).add(fork_id)
             return None
         del self.forks[rref_id]
+        self.deleted_forks.pop(rref_id, None)
         return self.owners.pop(rref_id, None)
 
     # --- shutdown ----------------------------------------------------------------
