@@ -44,6 +44,7 @@ from .autograd.context import current_context_id, use_context
 from .autograd.service import DistAutograd
 from .protocol.rref_context import ForkData, OwnerRRef, RRefContext, UserRRef
 from .transport import Connection, ConnectionClosed, connect, listen
+from .transport.tls import TLSConfig
 from .worker_info import WorkerInfo
 
 log = logging.getLogger("torchrpc")
@@ -284,7 +285,12 @@ class Agent:
         timeout = self.rpc_timeout or 300.0
         try:
             self._secret = rdzv.job_secret(self._rv.store, self.rank, getattr(self.options, "secret", None))
-            self._listener = listen(f"tcp://{rdzv.listen_host(self._rv.master_host)}:0", self._secret)
+            opts = self.options
+            self._tls = (TLSConfig(opts.tls_certfile, opts.tls_keyfile, opts.tls_cafile)
+                         if getattr(opts, "tls_certfile", None) else None)
+            scheme = "tls" if self._tls else "tcp"
+            self._listener = listen(f"{scheme}://{rdzv.listen_host(self._rv.master_host)}:0", self._secret,
+                                    **({"tls": self._tls} if self._tls else {}))
             self._spawn(self._watchdog, "watchdog")
             self._spawn(self._heartbeat_loop, "heartbeat")
             self._spawn(self._accept_loop, "acceptor")
@@ -301,7 +307,8 @@ class Agent:
                 self._conn_ready.notify_all()  # the acceptor may be waiting for the names
             for peer in range(self.rank):
                 try:
-                    conn = connect(infos[peer]["address"], timeout, self._secret)
+                    conn = connect(infos[peer]["address"], timeout, self._secret,
+                                   **({"tls": self._tls} if self._tls else {}))
                 except ConnectionClosed as e:
                     raise RPCError(f"cannot connect to worker {infos[peer]['name']!r}: {e}") from e
                 conn.send(m.Hello(0, self.rank, self.name).encode())

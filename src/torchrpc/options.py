@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+import os
 from typing import Any, Optional
 
 import torch
@@ -37,6 +38,9 @@ class RpcBackendOptions:
         secret: bytes (or str) every connection between the job's workers must prove
             knowledge of (HMAC challenge-response). Default: TORCHRPC_SECRET from the
             environment, else a random secret rank 0 hands out through the store.
+        tls_certfile, tls_keyfile, tls_cafile: run every connection over TLS (Python's ssl),
+            each worker presenting this certificate and accepting peers signed by the CA.
+            Default: TORCHRPC_TLS_CERT / TORCHRPC_TLS_KEY / TORCHRPC_TLS_CA, else no TLS.
     """
 
     def __init__(
@@ -51,6 +55,9 @@ class RpcBackendOptions:
         _channels: Optional[list] = None,
         secret: Optional[bytes | str] = None,
         _faults: Optional[dict] = None,
+        tls_certfile: Optional[str] = None,
+        tls_keyfile: Optional[str] = None,
+        tls_cafile: Optional[str] = None,
     ) -> None:
         if not isinstance(num_worker_threads, int) or num_worker_threads < 1:
             raise ValueError(f"num_worker_threads must be a positive int, got {num_worker_threads!r}")
@@ -74,6 +81,11 @@ class RpcBackendOptions:
         self.secret: Optional[bytes] = secret.encode() if isinstance(secret, str) else secret
         #: fault injection for tests: see torchrpc.agent._Faults
         self._faults = _faults
+        self.tls_certfile = tls_certfile or os.environ.get("TORCHRPC_TLS_CERT")
+        self.tls_keyfile = tls_keyfile or os.environ.get("TORCHRPC_TLS_KEY")
+        self.tls_cafile = tls_cafile or os.environ.get("TORCHRPC_TLS_CA")
+        if bool(self.tls_certfile) != bool(self.tls_keyfile):
+            raise ValueError("TLS needs both a certificate (tls_certfile) and its key (tls_keyfile)")
 
     def set_device_map(self, to: str, device_map: dict[Any, Any]) -> None:
         """Map this worker's devices to the callee's (CUDA only; checked here)."""

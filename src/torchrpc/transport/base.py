@@ -7,7 +7,7 @@ agent never sees sockets, and nothing here knows what a frame means.
 from __future__ import annotations
 
 import abc
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 
 class ConnectionClosed(ConnectionError):
@@ -73,18 +73,19 @@ def _split(address: str) -> tuple[tuple, str]:
     return _schemes[scheme], rest
 
 
-def listen(address: str, secret: Optional[bytes] = None) -> Listener:
+def listen(address: str, secret: Optional[bytes] = None, **options: Any) -> Listener:
     """Listen at ``address``; a port of 0 picks a free one (see ``Listener.address``).
 
     With a ``secret``, only connectors that prove they know it are accepted; the others
-    are closed and logged before anything they sent is decoded.
+    are closed and logged before anything they sent is decoded. ``options`` are the
+    scheme's own (``tls=TLSConfig(...)`` for ``tls://``).
     """
     (fn, _), rest = _split(address)
-    return fn(rest, secret)
+    return fn(rest, secret, **options)
 
 
-def connect(address: str, timeout: float = 30.0, secret: Optional[bytes] = None) -> Connection:
+def connect(address: str, timeout: float = 30.0, secret: Optional[bytes] = None, **options: Any) -> Connection:
     """Connect to a listener at ``address``, trying for up to ``timeout`` seconds; with a
     ``secret``, both sides prove knowledge of it before the connection is returned."""
     (_, fn), rest = _split(address)
-    return fn(rest, timeout, secret)
+    return fn(rest, timeout, secret, **options)

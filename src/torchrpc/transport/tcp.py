@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import struct
 import threading
 import time
 from typing import Optional, Sequence
 
 from . import auth, shm
+from .tls import TLSConfig
 from .base import Connection, ConnectionClosed, Listener, register_scheme
 
 log = logging.getLogger("torchrpc")
@@ -83,6 +85,9 @@ class TCPConnection(Connection):
             try:
                 if sum(v.nbytes for v in views) <= 65536 and len(views) <= 8:
                     self._sock.sendall(b"".join(views))
+                elif isinstance(self._sock, ssl.SSLSocket):  # no sendmsg through TLS
+                    for v in views:
+                        self._sock.sendall(v)
                 else:
                     self._sendmsg_all(views)
             except OSError as e:
@@ -206,8 +211,9 @@ class TCPConnection(Connection):
 
 
 class TCPListener(Listener):
-    def __init__(self, hostport: str, secret: Optional[bytes] = None) -> None:
+    def __init__(self, hostport: str, secret: Optional[bytes] = None, tls: Optional[TLSConfig] = None) -> None:
         self._secret = secret
+        self._tls = tls.server_context() if tls is not None else None
         host, port = _parse(hostport)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._sock = socket.socket(family, socket.SOCK_STREAM)
@@ -216,7 +222,7 @@ class TCPListener(Listener):
         self._sock.listen(128)
         bound = self._sock.getsockname()
         shown = f"[{host}]" if family == socket.AF_INET6 else host
-        self.address = f"tcp://{shown}:{bound[1]}"
+        self.address = f"{'tls' if tls is not None else 'tcp'}://{shown}:{bound[1]}"
         self._closed = False
 
     def accept(self) -> Connection:
@@ -228,6 +234,14 @@ class TCPListener(Listener):
             if self._closed:
                 sock.close()
                 raise ConnectionClosed(f"listener {self.address} closed")
+            if self._tls is not None:
+                try:
+                    sock.settimeout(_HANDSHAKE_TIMEOUT)
+                    sock = self._tls.wrap_socket(sock, server_side=True)
+                except (OSError, ssl.SSLError) as e:
+                    log.warning("torchrpc: TLS handshake with %s failed: %s", addr, e)
+                    sock.close()
+                    continue
             conn = TCPConnection(sock, f"tcp://{addr[0]}:{addr[1]}")
             try:
                 _negotiate(conn, initiator=False, secret=self._secret)
@@ -245,13 +259,21 @@ class TCPListener(Listener):
         self._sock.close()
 
 
-def _connect(hostport: str, timeout: float, secret: Optional[bytes] = None) -> Connection:
+def _connect(hostport: str, timeout: float, secret: Optional[bytes] = None,
+             tls: Optional[TLSConfig] = None) -> Connection:
     host, port = _parse(hostport)
+    ctx = tls.client_context() if tls is not None else None
     deadline = time.monotonic() + timeout
     delay = 0.01
     while True:
         try:
             sock = socket.create_connection((host, port), timeout=max(0.1, deadline - time.monotonic()))
+            if ctx is not None:
+                try:
+                    sock = ctx.wrap_socket(sock)
+                except ssl.SSLError as e:
+                    sock.close()
+                    raise ConnectionClosed(f"TLS handshake with tls://{hostport} failed: {e}") from e
             conn = TCPConnection(sock, f"tcp://{hostport}")
             try:
                 _negotiate(conn, initiator=True, secret=secret)
@@ -266,7 +288,21 @@ def _connect(hostport: str, timeout: float, secret: Optional[bytes] = None) -> C
             delay = min(delay * 2, 0.5)
 
 
+def _tls_listener(hostport: str, secret: Optional[bytes] = None, tls: Optional[TLSConfig] = None) -> Listener:
+    if tls is None:
+        raise ValueError("a tls:// address needs a TLS configuration (certificate, key, CA)")
+    return TCPListener(hostport, secret, tls)
+
+
+def _tls_connect(hostport: str, timeout: float, secret: Optional[bytes] = None,
+                 tls: Optional[TLSConfig] = None) -> Connection:
+    if tls is None:
+        raise ValueError("a tls:// address needs a TLS configuration (certificate, key, CA)")
+    return _connect(hostport, timeout, secret, tls)
+
+
 register_scheme("tcp", TCPListener, _connect)
+register_scheme("tls", _tls_listener, _tls_connect)
 
 
 _HELLO = b"torchrpc-tcp/2"
