@@ -252,6 +252,7 @@ class Agent:
         self._dead: dict[int, str] = {}
         self._pending: dict[int, _Pending] = {}
         self._retrying = 0  # control messages between a lost ack and their next attempt
+        self._last_heard: dict[int, float] = {}  # peer -> when a frame last came from it (heartbeat loop)
         self._faults = _Faults(options._faults) if getattr(options, "_faults", None) else None
         self._deadlines: list[tuple[float, int]] = []
         self._deadline_lock = threading.Lock()
@@ -719,6 +720,33 @@ class Agent:
             if p.dest == peer and self._pending.pop(msg_id, None) is not None:
                 p.callback(None, WorkerUnavailableError(f"{err} (while waiting for {p.desc})"))
 
+    def _timeout_message(self, p: _Pending) -> str:
+        """What timed out, and what this worker was still waiting on from that peer."""
+        name = self.workers[p.dest].name
+        others = sorted(q.desc for q in list(self._pending.values()) if q.dest == p.dest)
+        heard = self._last_heard.get(p.dest)
+        heard_text = f"; last heard from {name!r} {time.monotonic() - heard:.1f} s ago" if heard else ""
+        waiting = (f"; still waiting on {len(others)} other call(s) to {name!r}: {', '.join(others[:5])}"
+                   + (" ..." if len(others) > 5 else "")) if others else ""
+        return f"RPC to worker {name!r} running {p.desc} timed out after {p.timeout:g} s{waiting}{heard_text}"
+
+    def debug_info(self) -> dict[str, Any]:
+        """A snapshot for people: pending calls, RRefs, autograd contexts and traffic, per peer."""
+        pending: dict[str, list[str]] = {}
+        for p in list(self._pending.values()):
+            pending.setdefault(self.workers[p.dest].name, []).append(p.desc)
+        return {
+            "worker": self.name,
+            "rank": self.rank,
+            "pending_calls": {k: sorted(v) for k, v in sorted(pending.items())},
+            "rrefs": self.ctx.debug_info(),
+            "autograd_contexts": sorted(self.autograd.contexts.ids()),
+            "peers": {w.name: {**self.stats(w.id), "alive": self.is_alive(w.id),
+                               "shared_memory": bool(getattr(self._conns.get(w.id), "uses_shm", False))}
+                      for w in self.workers if w.id != self.rank},
+            "pool_threads": len(self._pool._threads),
+        }
+
     def stats(self, peer: int) -> dict[str, int]:
         """Messages and bytes exchanged with ``peer`` over its current connection."""
         conn = self._conns.get(peer)
@@ -747,6 +775,7 @@ class Agent:
                 t_sent = now if prev is None or sent != prev[0] else prev[2]
                 t_recv = now if prev is None or received != prev[1] else prev[3]
                 seen[peer] = (sent, received, t_sent, t_recv)
+                self._last_heard[peer] = t_recv
                 if now - t_recv > interval * HEARTBEAT_MISSES and not self._closing:
                     self._on_connection_lost(peer, conn, f"no heartbeat for {now - t_recv:.1f} s")
                     continue
@@ -766,9 +795,7 @@ class Agent:
             for msg_id in expired:
                 p = self._pending.pop(msg_id, None)
                 if p is not None:
-                    name = self.workers[p.dest].name
-                    p.callback(None, RPCTimeoutError(
-                        f"RPC to worker {name!r} running {p.desc} timed out after {p.timeout:g} s"))
+                    p.callback(None, RPCTimeoutError(self._timeout_message(p)))
 
     # --- replying -----------------------------------------------------------------
 

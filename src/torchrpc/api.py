@@ -115,3 +115,14 @@ def remote(
     args, kwargs = _call_args(args, kwargs)
     handle, created = current.agent().remote(to, func, args, kwargs, timeout)
     return RRef._wrap(handle, created)
+
+
+def debug_info() -> dict[str, Any]:
+    """What this worker is doing now, for people debugging a job.
+
+    Returns a dict: ``pending_calls`` (worker name -> functions awaiting replies),
+    ``rrefs`` (owner RRefs, known forks, pending and confirmed users),
+    ``autograd_contexts`` (open context ids), ``peers`` (per worker: messages and
+    bytes sent/received on the current connection, alive, shared memory in use).
+    """
+    return current.agent().debug_info()
