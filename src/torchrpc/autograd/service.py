@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional
 import torch
 
 from ..errors import RPCError
+from ..futures import wait_all
 from ..protocol import messages as m
 from .context import ContextContainer, DistAutogradContext, PassState, UnknownContextError
 from .engine import Outcome, edge_of, walk
@@ -118,7 +119,7 @@ class DistAutograd:
                         ids.append(ag_id)
         futs = [self.agent.control(peer, m.BackwardDiscover(0, ctx.context_id, pass_id, state.retain_graph, ids))
                 for peer, ids in by_peer.items()]
-        self._wait(futs)
+        wait_all(futs)
 
     def handle_discover(self, src: int, msg: m.BackwardDiscover, ag: Any = None) -> None:
         try:
@@ -183,17 +184,7 @@ class DistAutograd:
         for ag_id, grads in outcome.recvs_done.items():
             peer = ctx.recvs[ag_id].peer
             futs.append(self.agent.control(peer, m.PropagateGradients(0, ctx.context_id, pass_id, ag_id, grads)))
-        self._wait(futs)
-
-    def _wait(self, futs: list[torch.futures.Future]) -> None:
-        errors = []
-        for f in futs:
-            try:
-                f.wait()
-            except BaseException as e:
-                errors.append(e)
-        if errors:
-            raise errors[0]
+        wait_all(futs)
 
     def _named(self, e: BaseException) -> BaseException:
         if isinstance(e, (DistBackwardError, UnknownContextError)):

@@ -6,6 +6,7 @@ from typing import Any
 
 from .. import api
 from .. import autograd as dist_autograd
+from ..futures import wait_all
 from ..rref import RRef
 
 __all__ = ["DistributedOptimizer"]
@@ -60,15 +61,5 @@ class DistributedOptimizer:
 
     def step(self, context_id: int) -> None:
         """Apply the gradients of ``context_id`` with every owner's optimizer; wait for all."""
-        futs = [api.rpc_async(opt.owner(), _local_optimizer_step, args=(opt, context_id))
-                for opt in self.remote_optimizers]
-        errors = []
-        for f in futs:
-            try:
-                f.wait()
-            except BaseException as e:
-                errors.append(e)
-        if errors:
-            raise errors[0]
-
-
+        wait_all([api.rpc_async(opt.owner(), _local_optimizer_step, args=(opt, context_id))
+                  for opt in self.remote_optimizers])
