@@ -14,9 +14,10 @@ import torch
 from .. import current
 from ..errors import RPCError
 from .context import UnknownContextError, _tls, current_context_id
+from .graph import graph
 from .service import DistBackwardError
 
-__all__ = ["DistBackwardError", "UnknownContextError", "backward", "context", "current_context_id",
+__all__ = ["DistBackwardError", "UnknownContextError", "backward", "context", "current_context_id", "graph",
            "get_gradients"]
 
 
