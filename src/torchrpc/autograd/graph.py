@@ -39,7 +39,7 @@ def describe(context_id: int) -> dict[str, Any]:
     for s in sinks:
         v = s.variable
         nodes[id(s)] = f"recv {recv_of[id(v)]:x}" if id(v) in recv_of else f"leaf {tuple(v.shape)}"
-    send_nodes = {ag: [id(t.grad_fn) if t.grad_fn is not None else None for t in ts] for ag, ts in sends.items()}
+    send_nodes = {ag: [id(edge_of(t)[0]) if t.requires_grad else None for t in ts] for ag, ts in sends.items()}
     recv_nodes: dict[int, list[int]] = {}
     for s in sinks:
         if id(s.variable) in recv_of:
