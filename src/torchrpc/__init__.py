@@ -4,7 +4,15 @@ A drop-in for ``torch.distributed.rpc``: ``import torchrpc as rpc``.
 """
 from . import autograd, functions
 from .api import debug_info, get_worker_info, init_rpc, remote, rpc_async, rpc_sync, shutdown
-from .errors import RemoteError, RPCError, RPCTimeoutError, WorkerUnavailableError
+from .agent import UnknownWorkerError
+from .errors import (
+    ProtocolError,
+    RemoteError,
+    RPCError,
+    RPCTimeoutError,
+    SerializationError,
+    WorkerUnavailableError,
+)
 from .options import (
     BackendType,
     RpcBackendOptions,
@@ -22,7 +30,7 @@ def is_available() -> bool:
 
 
 __all__ = [
-    "BackendType", "RRef", "autograd", "RPCError", "RPCTimeoutError", "RemoteError", "RpcBackendOptions",
+    "BackendType", "ProtocolError", "RRef", "SerializationError", "UnknownWorkerError", "autograd", "RPCError", "RPCTimeoutError", "RemoteError", "RpcBackendOptions",
     "TensorPipeRpcBackendOptions", "WorkerInfo", "WorkerUnavailableError", "debug_info", "functions",
     "get_worker_info", "init_rpc", "is_available", "remote", "rpc_async", "rpc_sync", "shutdown",
 ]

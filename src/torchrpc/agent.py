@@ -2,12 +2,14 @@
 
 Threads, and what each may do:
 
-* one reader per peer connection: receives frames, decodes them, completes the
-  futures of replies, and queues requests for the pool. It never runs user
-  functions and never sends (a reader blocked in a send could stop both peers
-  reading: a deadlock when two large messages cross).
-* the pool (``num_worker_threads``): runs user functions and every handler that
-  sends a reply or a control message.
+* the pool (``num_worker_threads`` threads, growing when all are busy): runs user
+  functions and every handler. Each connection has one *reading* thread at a time,
+  taken from the pool: it decodes frames and completes the futures of replies, and
+  when a request arrives it hands the reading on to another pool thread before it
+  serves the request itself (leader/follower). A reader never sends while it holds
+  the reading role (a reader blocked in a send could stop both peers reading: a
+  deadlock when two large messages cross).
+* a heartbeat thread: keeps quiet connections alive and declares silent peers gone.
 * a watchdog: fails calls that ran past their timeout.
 * an acceptor: takes the connections of higher-ranked workers during start-up.
 
@@ -97,7 +99,7 @@ class _Faults:
 
 
 #: Seconds between heartbeats on a quiet connection, and how many may be missed.
-HEARTBEAT_INTERVAL = float(os.environ.get("TORCHRPC_HEARTBEAT_INTERVAL", "1.0"))
+HEARTBEAT_INTERVAL = float(os.environ.get("TORCHRPC_HEARTBEAT_INTERVAL", "0.8"))
 HEARTBEAT_MISSES = 3.5
 
 
@@ -184,20 +186,21 @@ class _SendSession(serialization.Session):
     """Pickling state of one outgoing message: the RRef forks it made, and, inside a
     distributed autograd context, the tensors that require grad (its *send*)."""
 
-    __slots__ = ("ctx", "forks", "context_id", "grad_tensors")
+    __slots__ = ("ctx", "forks", "context_id", "grad_tensors", "dest")
 
-    def __init__(self, ctx: RRefContext, context_id: Optional[int] = None) -> None:
+    def __init__(self, ctx: RRefContext, context_id: Optional[int] = None, dest: Optional[int] = None) -> None:
         self.ctx = ctx
         self.forks: list[ForkData] = []
         self.context_id = context_id
         self.grad_tensors: list[torch.Tensor] = []
+        self.dest = dest
 
     def on_send_tensor(self, tensor: torch.Tensor) -> None:
         if self.context_id is not None:
             self.grad_tensors.append(tensor)
 
     def fork_rref(self, handle: OwnerRRef | UserRRef) -> ForkData:
-        fork = self.ctx.fork_for_send(handle)
+        fork = self.ctx.fork_for_send(handle, self.dest)
         self.forks.append(fork)
         return fork
 
@@ -449,7 +452,7 @@ class Agent:
         self._check_open()
         dest = self.worker_info(to).id
         timeout = self._timeout(timeout)
-        session = _SendSession(self.ctx, current_context_id())
+        session = _SendSession(self.ctx, current_context_id(), dest)
         payload = self._dumps_request(func, args, kwargs, session, dest)
         fut: torch.futures.Future = torch.futures.Future()
         desc = func_name(func)
@@ -523,7 +526,7 @@ class Agent:
             self._pool.submit(self._run_into_owner, func, args, kwargs, owner, created, context_id)
             return owner, created
         user = self.ctx.create_user_for_remote(dest)
-        session = _SendSession(self.ctx, context_id)
+        session = _SendSession(self.ctx, context_id, dest)
         try:
             payload = self._dumps_request(func, args, kwargs, session, dest)
         except BaseException:
@@ -716,6 +719,7 @@ class Agent:
         if not self._closing:
             log.warning("torchrpc %s: lost worker %r: %s", self.name, name, reason)
         err = WorkerUnavailableError(f"worker {name!r} (id {peer}) is gone: {reason}")
+        self.ctx.forget_worker(peer, err)
         for msg_id, p in list(self._pending.items()):
             if p.dest == peer and self._pending.pop(msg_id, None) is not None:
                 p.callback(None, WorkerUnavailableError(f"{err} (while waiting for {p.desc})"))
@@ -765,12 +769,12 @@ class Agent:
         when nothing at all has come from it for ``HEARTBEAT_MISSES`` intervals (a frozen
         process or a cut link, which TCP alone would notice only after minutes)."""
         interval = HEARTBEAT_INTERVAL
-        seen: dict[int, tuple[int, int, float, float]] = {}  # peer -> (sent, received, t_sent, t_received)
+        seen: dict[int, tuple[int, int, float, float]] = {}  # peer -> (sent, arrived, t_sent, t_received)
         beat = m.Heartbeat(0).encode()
         while not self._stop.wait(interval / 4):
             now = time.monotonic()
             for peer, conn in list(self._conns.items()):
-                sent, received = conn.frames_sent, conn.frames_received
+                sent, received = conn.frames_sent, getattr(conn, "bytes_arriving", conn.frames_received)
                 prev = seen.get(peer)
                 t_sent = now if prev is None or sent != prev[0] else prev[2]
                 t_recv = now if prev is None or received != prev[1] else prev[3]
@@ -833,7 +837,7 @@ class Agent:
 
     def _reply_value(self, dest: int, msg_id: int, value: Any, reply_cls: type = m.PythonReturn,
                      context_id: Optional[int] = None) -> None:
-        session = _SendSession(self.ctx, context_id)
+        session = _SendSession(self.ctx, context_id, dest)
         try:
             payload = serialization.dumps(value, session)
         except BaseException as e:
@@ -992,7 +996,7 @@ class Agent:
         while self._pending or self._retrying or self.ctx.has_pending():
             if time.monotonic() > deadline:
                 descs = sorted({f"{p.desc} to {self.workers[p.dest].name}" for p in list(self._pending.values())})
-                raise TimeoutError(f"shutdown timed out {what}: still waiting for {descs or 'RRef confirmations'}")
+                raise RPCTimeoutError(f"shutdown timed out {what}: still waiting for {descs or 'RRef confirmations'}")
             time.sleep(delay)
             delay = min(delay * 2, 0.01)
 
@@ -1010,7 +1014,7 @@ class Agent:
                 budget = timeout if timeout and timeout > 0 else float("inf")
                 self._coordinate_shutdown(time.monotonic() + budget)
         except RuntimeError as e:
-            if self.is_alive(0) or isinstance(e, (TimeoutError, RPCError)):
+            if self.is_alive(0) or isinstance(e, RPCError):
                 raise
             log.warning("torchrpc %s: rank 0, which hosts the store, is gone (%s); closing without the "
                         "others", self.name, e)

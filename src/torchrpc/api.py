@@ -55,8 +55,9 @@ def shutdown(graceful: bool = True, timeout: float = DEFAULT_SHUTDOWN_TIMEOUT) -
 
     With ``graceful=True`` this blocks until every worker has called shutdown and all
     outstanding work (calls, RRef confirmations and deletions) has finished; then
-    every thread and socket of torchrpc is closed. ``timeout`` (seconds; 0 means
-    the rpc timeout) bounds that wait. With ``graceful=False`` it stops at once.
+    every thread and socket of torchrpc is closed. ``timeout`` (seconds; 0, the
+    default, means no limit, as in torch; workers that died are not waited for)
+    bounds that wait. With ``graceful=False`` it stops at once.
     """
     with current.lock:
         agent = current.agent()

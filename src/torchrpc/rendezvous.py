@@ -19,6 +19,8 @@ from urllib.parse import urlparse
 
 import torch.distributed as dist
 
+from .errors import RPCTimeoutError
+
 
 @dataclass
 class Rendezvous:
@@ -139,7 +141,7 @@ def barrier(
         if not waiting:
             break
         if time.monotonic() > deadline:
-            raise TimeoutError(f"barrier {name!r} timed out after {timeout:.0f} s waiting for ranks {waiting}")
+            raise RPCTimeoutError(f"barrier {name!r} timed out after {timeout:.0f} s waiting for ranks {waiting}")
         time.sleep(delay)
         delay = min(delay * 2, 0.02)
     return gone

@@ -50,10 +50,15 @@ class UnknownContextError(RPCError, KeyError):
 
 @dataclass
 class Exchange:
-    """The tensors of one message that required grad, and the worker at the other end."""
+    """The tensors of one message that required grad, and the worker at the other end.
+
+    For a send, ``edges`` are the tensors' gradient edges taken when it was sent: an
+    in-place change to a tensor after sending it must not move its edge.
+    """
 
     peer: int
     tensors: list[torch.Tensor]
+    edges: Optional[list[Edge]] = None
 
 
 @dataclass
@@ -85,7 +90,7 @@ class DistAutogradContext:
 
     def add_send(self, autograd_message_id: int, peer: int, tensors: list[torch.Tensor]) -> None:
         with self.lock:
-            self.sends[autograd_message_id] = Exchange(peer, tensors)
+            self.sends[autograd_message_id] = Exchange(peer, tensors, [edge_of(t) for t in tensors])
             self.known_workers.add(peer)
 
     def add_recv(self, autograd_message_id: int, peer: int, tensors: list[torch.Tensor]) -> None:
@@ -108,7 +113,7 @@ class DistAutogradContext:
         if ex is None:
             raise RPCError(f"distributed autograd context {self.context_id} has no send with autograd "
                            f"message id {autograd_message_id}")
-        return [edge_of(t) if t.requires_grad else None for t in ex.tensors]
+        return list(ex.edges or [])
 
     def accumulate(self, tensor: torch.Tensor, grad: torch.Tensor) -> None:
         with self.lock:

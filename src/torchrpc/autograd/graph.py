@@ -13,7 +13,7 @@ import subprocess
 from typing import Any, Optional
 
 from .. import api, current
-from .engine import edge_of, walk
+from .engine import walk
 
 
 def describe(context_id: int) -> dict[str, Any]:
@@ -21,10 +21,10 @@ def describe(context_id: int) -> dict[str, Any]:
     agent = current.agent()
     ctx = agent.autograd.contexts.get(context_id)
     with ctx.lock:
-        sends = {ag: [t for t in ex.tensors] for ag, ex in ctx.sends.items()}
+        sends = {ag: list(ex.edges or []) for ag, ex in ctx.sends.items()}
         recvs = {ag: [t for t in ex.tensors] for ag, ex in ctx.recvs.items()}
         peers = sorted(ctx.known_workers)
-        starts = [edge_of(t) for ts in sends.values() for t in ts if t.requires_grad]
+        starts = [e for edges in sends.values() for e in edges]
         for state in ctx.passes.values():
             starts.extend(state.roots or [])
     inner, sinks = walk(starts)
@@ -39,7 +39,7 @@ def describe(context_id: int) -> dict[str, Any]:
     for s in sinks:
         v = s.variable
         nodes[id(s)] = f"recv {recv_of[id(v)]:x}" if id(v) in recv_of else f"leaf {tuple(v.shape)}"
-    send_nodes = {ag: [id(edge_of(t)[0]) if t.requires_grad else None for t in ts] for ag, ts in sends.items()}
+    send_nodes = {ag: [id(e[0]) for e in edges] for ag, edges in sends.items()}
     recv_nodes: dict[int, list[int]] = {}
     for s in sinks:
         if id(s.variable) in recv_of:

@@ -143,6 +143,8 @@ class RRefContext:
         self.pending_users: dict[GloballyUniqueId, UserRRef] = {}
         #: parent side: child fork id -> parent handle kept alive until the child accepts (G2)
         self.pending_children: dict[GloballyUniqueId, Any] = {}
+        #: parent side: child fork id -> the worker it was sent to, where known
+        self._child_dest: dict[GloballyUniqueId, int] = {}
         #: user side: confirmed users still alive (weak), for deleting all at shutdown
         self.confirmed_users: "weakref.WeakValueDictionary[GloballyUniqueId, UserRRef]" = (
             weakref.WeakValueDictionary()
@@ -185,8 +187,8 @@ class RRefContext:
 
     # --- sending an RRef (this worker is the parent) -----------------------------
 
-    def fork_for_send(self, handle: OwnerRRef | UserRRef) -> ForkData:
-        """Make a child fork id for sending ``handle``; record it per G2."""
+    def fork_for_send(self, handle: OwnerRRef | UserRRef, dest: Optional[int] = None) -> ForkData:
+        """Make a child fork id for sending ``handle`` (to worker ``dest``); record it per G2."""
         fork_id = self.new_id()
         with self._lock:
             if isinstance(handle, OwnerRRef):
@@ -196,6 +198,8 @@ class RRefContext:
             if handle.error is not None:
                 raise RPCError(f"cannot share an RRef whose creation failed: {handle.error}")
             self.pending_children[fork_id] = handle
+            if dest is not None:
+                self._child_dest[fork_id] = dest
             return ForkData(handle.owner_id, handle.rref_id, fork_id, self.worker_id)
 
     def cancel_fork(self, fork: ForkData) -> None:
@@ -205,6 +209,7 @@ class RRefContext:
                 self._del_fork(fork.rref_id, fork.fork_id)
             else:
                 self.pending_children.pop(fork.fork_id, None)
+                self._child_dest.pop(fork.fork_id, None)
 
     # --- receiving an RRef (this worker is the child) ----------------------------
 
@@ -303,7 +308,23 @@ class RRefContext:
     def on_child_accept(self, fork_id: GloballyUniqueId) -> None:
         with self._lock:
             parent = self.pending_children.pop(fork_id, None)
+            self._child_dest.pop(fork_id, None)
         del parent  # may drop the last reference, sending the parent's own delete
+
+    def forget_worker(self, worker_id: int, error: BaseException) -> None:
+        """``worker_id`` is gone: stop waiting for what only it could confirm (children sent
+        to it, forks it owns), so that shutdown does not wait for it forever."""
+        with self._lock:
+            gone = [f for f, h in self.pending_children.items()
+                    if self._child_dest.get(f) == worker_id or getattr(h, "owner_id", None) == worker_id]
+            parents = [self.pending_children.pop(f) for f in gone]
+            for f in gone:
+                self._child_dest.pop(f, None)
+            users = [u for f, u in self.pending_users.items() if u.owner_id == worker_id]
+            for u in users:
+                del self.pending_users[u.fork_id]
+                u.error = error
+        del parents, users
 
     def _del_fork(self, rref_id: GloballyUniqueId, fork_id: GloballyUniqueId) -> OwnerRRef | None:
         forks = self.forks.get(rref_id)

@@ -149,7 +149,8 @@ def make_probe() -> tuple[str, bytes]:
     """A small segment with a random token: the other side proves it sees our shared memory."""
     name = _new_name()
     token = secrets.token_bytes(16)
-    with open(os.path.join(shm_dir(), name), "wb") as f:
+    fd = os.open(os.path.join(shm_dir(), name), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    with os.fdopen(fd, "wb") as f:
         f.write(token)
     return name, token
 

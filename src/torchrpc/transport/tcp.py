@@ -22,6 +22,10 @@ from .base import Connection, ConnectionClosed, Listener, register_scheme
 
 log = logging.getLogger("torchrpc")
 
+
+class HandshakeError(ConnectionClosed):
+    """The peer failed authentication or the TLS handshake: not worth retrying."""
+
 _COUNT = struct.Struct("<I")
 _IOV_MAX = 512
 #: Frames claiming more buffers, or more bytes, than this are rejected before any allocation.
@@ -60,6 +64,8 @@ class TCPConnection(Connection):
         self._closed = False
         self.peer = peer
         self.frames_sent = self.bytes_sent = self.frames_received = self.bytes_received = 0
+        #: bytes read so far, frames in progress included: a long frame is not silence
+        self.bytes_arriving = 0
         #: set when the peer shares this host's memory (see :func:`_negotiate`)
         self._shm_tx: Optional[shm.ShmSender] = None
         self._shm_rx: Optional[shm.ShmReceiver] = None
@@ -131,6 +137,7 @@ class TCPConnection(Connection):
             if not n:
                 raise ConnectionClosed(f"connection to {self.peer} closed")
             got += n
+            self.bytes_arriving += n
 
     def _recv_shm(self, n: int) -> object:
         if self._shm_rx is None or n != shm.DESCRIPTOR.size:
@@ -273,14 +280,16 @@ def _connect(hostport: str, timeout: float, secret: Optional[bytes] = None,
                     sock = ctx.wrap_socket(sock)
                 except ssl.SSLError as e:
                     sock.close()
-                    raise ConnectionClosed(f"TLS handshake with tls://{hostport} failed: {e}") from e
+                    raise HandshakeError(f"TLS handshake with tls://{hostport} failed: {e}") from e
             conn = TCPConnection(sock, f"tcp://{hostport}")
             try:
                 _negotiate(conn, initiator=True, secret=secret)
             except (OSError, ValueError) as e:
                 conn.close()
-                raise ConnectionClosed(f"handshake with tcp://{hostport} failed: {e}") from e
+                raise HandshakeError(f"handshake with tcp://{hostport} failed: {e}") from e
             return conn
+        except HandshakeError:
+            raise  # a wrong secret or certificate does not get better by retrying
         except OSError as e:
             if time.monotonic() + delay >= deadline:
                 raise ConnectionClosed(f"could not connect to tcp://{hostport}: {e}") from e
@@ -322,7 +331,8 @@ def _negotiate(conn: TCPConnection, initiator: bool, secret: Optional[bytes]) ->
                 raise auth.AuthenticationError(f"{conn.peer} answered the handshake with {len(reply)} buffers")
             nonce_s = bytes(reply[0])
             auth.check(secret, b"acceptor", nonce_c, nonce_s, reply[1], f"listener {conn.peer}")
-            probe = shm.make_probe() if shm.enabled() else None
+            tls = isinstance(conn._sock, ssl.SSLSocket)  # with TLS, all data stays inside TLS
+            probe = shm.make_probe() if shm.enabled() and not tls else None
             try:
                 conn.send([auth.mac(secret, b"connector", nonce_c, nonce_s),
                            probe[0].encode() if probe else b"", probe[1] if probe else b""])
@@ -344,7 +354,8 @@ def _negotiate(conn: TCPConnection, initiator: bool, secret: Optional[bytes]) ->
                 raise auth.AuthenticationError(f"{conn.peer} sent a malformed proof")
             auth.check(secret, b"connector", nonce_c, nonce_s, proof[0], f"connection from {conn.peer}")
             name = bytes(proof[1]).decode("ascii", "replace")
-            use = bool(name) and shm.enabled() and shm.check_probe(name, bytes(proof[2]))
+            use = (bool(name) and shm.enabled() and not isinstance(conn._sock, ssl.SSLSocket)
+                   and shm.check_probe(name, bytes(proof[2])))
             conn.send([b"shm" if use else b"tcp"])
     finally:
         conn._sock.settimeout(None)
