@@ -1120,11 +1120,6 @@ def _bug_gradient_frame_on_connection(rank, world_size):
     return out
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a PropagateGradients whose gradient is a zero-element tensor with a dimension >= 2**63 "
-    "makes decode_tensors raise TypeError (torch.empty overflow), not ProtocolError; Agent._dispatch "
-    "only turns ProtocolError into an error reply, so _read_loop's catch-all drops the whole "
-    "connection and marks the peer dead for good"))
 def test_bug_malformed_gradient_frame_drops_the_connection():
     out = run_workers(_bug_gradient_frame_on_connection, 2, timeout=60)[0]
     # expected: an error reply (ProtocolError) to that one message, and the connection kept
@@ -1157,11 +1152,6 @@ def _bug_acceptor(rank, world_size):
     return out
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: Agent._accept_loop catches only ConnectionClosed and ProtocolError around m.decode of the "
-    "first frame; a frame whose decoding raises anything else (e.g. the TypeError of a zero-element "
-    "gradient tensor of shape (0, 2**63)) kills the acceptor thread (uncaught exception): no later "
-    "connection to that worker gets its handshake answered (connectors fail after 10 s)"))
 def test_bug_malformed_first_frame_kills_the_acceptor():
     out = run_workers(_bug_acceptor, 2, timeout=60, env=ENV)[0]
     assert out["closed"] is True, out
@@ -1191,11 +1181,6 @@ def _debug_info():
     return rpc.api.current.agent().ctx.debug_info()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: ForkData.from_tuple only range-checks ids (< 2**32), not the owner against the job's "
-    "workers; an RRef fork naming owner 7 in a 2-worker job is accepted: the call succeeds, the "
-    "callee keeps a pending user and a pool thread blocked in Agent._await_connection(7) for the "
-    "whole rpc_timeout, then fails with IndexError (self.workers[7]) instead of an unknown-worker error"))
 def test_bug_fork_naming_a_worker_outside_the_job_is_accepted():
     out = run_workers(_bug_fork_owner, 2, timeout=60)
     print(out)
@@ -1227,11 +1212,6 @@ def _bug_rref_backward(rank, world_size):
     return out
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: DistAutograd.handle_rref_backward calls owner.value() with no timeout; for an OwnerRRef that "
-    "exists without a value (made by an earlier fetch of an RRef id whose remote() never arrives, or "
-    "whose creator died) the pool thread blocks forever: the caller only gets its own timeout, and the "
-    "owner's rpc.shutdown() then waits 10 s in _Pool.stop for each such thread"))
 def test_bug_rref_backward_on_a_valueless_owner_blocks_a_thread_forever():
     caller, owner = run_workers(_bug_rref_backward, 2, timeout=60)
     print(caller, owner)
@@ -1258,12 +1238,6 @@ def _bug_malformed_reply(rank, world_size):
     return out
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: Agent._dispatch answers any frame that fails to decode with an ExceptionReply to "
-    "peek_msg_id(frame), even when the frame's type byte says it is a reply (RREF_ACK, PYTHON_RET, "
-    "...). A reply's msg id is the receiver's own request id, not the sender's, so the error reply "
-    "fails whichever unrelated pending call of the sender has that number (and the receiver's own "
-    "request, whose reply was malformed, stays pending until its timeout)"))
 def test_bug_malformed_reply_is_answered_and_fails_an_unrelated_call():
     out = run_workers(_bug_malformed_reply, 2, timeout=60)[0]
     assert out["call"] == "ok", out
@@ -1296,10 +1270,6 @@ def _bug_claimed_length(rank, world_size, where):
     return out
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: TCPConnection.recv allocates (and zero-fills) bytearray(n) for each claimed length n as soon "
-    "as the header arrives; any n under MAX_FRAME_BYTES (64 GiB) passes, so a 20-byte header with no "
-    "data makes the receiver commit n bytes of RAM (1 GiB here; a 16 GiB claim would OOM a 23 GiB host)"))
 @pytest.mark.parametrize("where", ["established", "before_hello"])
 def test_bug_claimed_length_is_allocated_before_any_data_arrives(where):
     out = run_workers(_bug_claimed_length, 2, args=(where,), timeout=60, env=ENV)[0]

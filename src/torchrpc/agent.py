@@ -211,9 +211,10 @@ class _SendSession(serialization.Session):
 
 
 class _RecvSession(serialization.Session):
-    __slots__ = ("ctx", "src", "recording", "grad_tensors")
+    __slots__ = ("ctx", "src", "recording", "grad_tensors", "world_size")
 
-    def __init__(self, ctx: RRefContext, src: int, recording: bool = False) -> None:
+    def __init__(self, ctx: RRefContext, src: int, recording: bool = False, world_size: int = 1 << 32) -> None:
+        self.world_size = world_size
         self.ctx = ctx
         self.src = src
         self.recording = recording
@@ -225,6 +226,8 @@ class _RecvSession(serialization.Session):
         return tensor
 
     def rref_from_fork(self, fork: ForkData) -> OwnerRRef | UserRRef:
+        if fork.owner_id >= self.world_size:
+            raise ProtocolError(f"RRef fork names owner {fork.owner_id}, not a worker of this job")
         if fork.parent_id != self.src:
             raise ProtocolError(f"RRef fork names parent {fork.parent_id} but came from worker {self.src}")
         return self.ctx.receive_fork(fork)
@@ -354,7 +357,7 @@ class Agent:
                     raise ProtocolError(f"unexpected HELLO from {hello.name!r} claiming id {peer}")
                 if peer in self._conns:
                     raise ProtocolError(f"worker {hello.name!r} is already connected")
-            except (ConnectionClosed, ProtocolError) as e:
+            except Exception as e:  # whatever the first frame was, the acceptor carries on
                 log.warning("torchrpc %s: rejected connection from %s: %s", self.name, conn.peer, e)
                 conn.close()
                 continue
@@ -496,7 +499,7 @@ class Agent:
 
     def _loads(self, payload: m.Payload, src: int, tag: AutogradTag) -> Any:
         """Unpickle a payload from ``src``, recording its recv if it came inside a context."""
-        session = _RecvSession(self.ctx, src, recording=bool(tag and tag[1]))
+        session = _RecvSession(self.ctx, src, recording=bool(tag and tag[1]), world_size=self.world_size)
         value = serialization.loads(payload, session)
         if tag is not None:
             if tag[1]:
@@ -688,7 +691,7 @@ class Agent:
                 if handler is None:
                     raise ProtocolError(f"{type(msg).__name__} is not a request")
         except ProtocolError as e:
-            msg_id = m.peek_msg_id(frame)
+            msg_id = None if m.is_reply_frame(frame) else m.peek_msg_id(frame)
             log.warning("torchrpc %s: malformed message from worker %d: %s", self.name, src, e)
             if msg_id is not None:
                 return self._reply_exception, (src, msg_id, e)

@@ -215,6 +215,8 @@ class DistAutograd:
             if owner is None:
                 raise RPCError(f"worker {self.agent.name!r} owns no RRef with id {msg.rref_id}")
             self.contexts.get(msg.context_id)
+            if not owner.done():  # the caller waits for creation first, so this id is not a real RRef
+                raise RPCError(f"RRef {msg.rref_id} on worker {self.agent.name!r} has no value (it was never created)")
             self.rref_backward(msg.rref_id, owner.value(), msg.context_id, msg.retain_graph)
         except BaseException as e:
             self.agent.reply_error(src, msg.msg_id, self._named(e))

@@ -180,7 +180,28 @@ def decode(frames: Sequence[Buffer]) -> Message:
     cls = _REGISTRY.get(mtype)
     if cls is None:
         raise ProtocolError(f"unknown message type {mtype}")
-    return cls._from_frames(frames)
+    try:
+        return cls._from_frames(frames)
+    except ProtocolError:
+        raise
+    except Exception as e:  # e.g. tensor metadata that torch rejects: still just a bad frame
+        raise ProtocolError(f"malformed {cls.TYPE.name}: {type(e).__name__}: {e}") from e
+
+
+_REPLY_TYPES = frozenset({MessageType.PYTHON_RET, MessageType.REMOTE_RET, MessageType.PYTHON_RREF_FETCH_RET,
+                          MessageType.RREF_ACK, MessageType.EXCEPTION})
+
+
+def is_reply_frame(frames: Sequence[Buffer]) -> bool:
+    """Whether a (possibly malformed) frame claims to be a reply: such a frame is never answered,
+    since its message id is the receiver's own request number, not the sender's."""
+    try:
+        mtype = frames[0][0]
+        if mtype == MessageType.FORWARD_AUTOGRAD and len(frames) > 1:
+            mtype = frames[1][0]
+        return mtype in _REPLY_TYPES
+    except Exception:
+        return False
 
 
 def peek_msg_id(frames: Sequence[Buffer]) -> int | None:

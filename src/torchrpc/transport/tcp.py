@@ -16,6 +16,8 @@ import threading
 import time
 from typing import Optional, Sequence
 
+import numpy as np
+
 from . import auth, shm
 from .tls import TLSConfig
 from .base import Connection, ConnectionClosed, Listener, register_scheme
@@ -34,6 +36,7 @@ MAX_FRAME_BYTES = 1 << 36
 #: In a length, this bit says the buffer is in shared memory: a descriptor travels instead.
 _SHM_BIT = 1 << 63
 _HANDSHAKE_TIMEOUT = 10.0
+_LAZY_BYTES = 1 << 20
 
 
 def _parse(hostport: str) -> tuple[str, int]:
@@ -185,7 +188,9 @@ class TCPConnection(Connection):
                 frame.append(self._recv_shm(n & ~_SHM_BIT))
                 continue
             try:
-                b = bytearray(n)
+                # A large buffer comes from numpy.empty: its pages are only committed as the
+                # data arrives, so a length claimed in a header costs nothing until then.
+                b = bytearray(n) if n < _LAZY_BYTES else np.empty(n, np.uint8)
             except MemoryError:
                 raise ConnectionClosed(f"frame from {self.peer} needs {n} bytes, more than this process can "
                                        "allocate; closing") from None
