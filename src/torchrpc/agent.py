@@ -450,8 +450,14 @@ class Agent:
         if p is not None:
             p.callback(None, error)
 
-    def call(self, to: Any, func: Callable, args: tuple, kwargs: dict, timeout: float) -> torch.futures.Future:
-        """Run ``func(*args, **kwargs)`` on worker ``to``; a Future of its result."""
+    def call(self, to: Any, func: Callable, args: tuple, kwargs: dict, timeout: float,
+             kind: str = "async") -> torch.futures.Future:
+        """Run ``func(*args, **kwargs)`` on worker ``to``; a Future of its result.
+
+        Under torch.profiler, an async call is a ``rpc_async#func(me -> dest)`` event lasting
+        until the reply, and the callee reports how long the function ran (recorded for
+        rpc_sync by :meth:`call_sync`).
+        """
         self._check_open()
         dest = self.worker_info(to).id
         timeout = self._timeout(timeout)
@@ -459,13 +465,36 @@ class Agent:
         payload = self._dumps_request(func, args, kwargs, session, dest)
         fut: torch.futures.Future = torch.futures.Future()
         desc = func_name(func)
+        profiled = torch.autograd.profiler._is_profiler_enabled
+        handle = None
+        if profiled and kind == "async":
+            event = f"rpc_async#{desc}({self.name} -> {self.workers[dest].name})"
+            handle = torch.ops.profiler._record_function_enter_new(event, None)
         try:
-            self._request(dest, m.PythonCall(0, payload), timeout, desc,
+            self._request(dest, m.PythonCall(0, payload, profiled), timeout, desc,
                           self._value_reply(fut, dest, m.PythonReturn), self._autograd_tag(session, dest))
         except BaseException:
             session.cancel()
+            if handle is not None:
+                torch.ops.profiler._record_function_exit._RecordFunction(handle)
             raise
+        if handle is not None:
+            return torch.ops.profiler._call_end_callbacks_on_jit_fut(handle, fut)
         return fut
+
+    def call_sync(self, to: Any, func: Callable, args: tuple, kwargs: dict, timeout: float) -> Any:
+        """rpc_sync under torch.profiler: a ``rpc_sync#func(me -> dest)`` event for the whole call,
+        then a ``...#remote_execution_us=N`` event with the callee's execution time, both
+        recorded on the calling thread."""
+        event = f"rpc_sync#{func_name(func)}({self.name} -> {self.worker_info(to).name})"
+        with torch.profiler.record_function(event):
+            fut = self.call(to, func, args, kwargs, timeout, kind="sync")
+            value = fut.wait()
+        remote_ns = getattr(fut, "_remote_ns", 0)
+        if remote_ns:
+            with torch.profiler.record_function(f"{event}#remote_execution_us={remote_ns // 1000}"):
+                pass
+        return value
 
     def _value_reply(self, fut: torch.futures.Future, dest: int, reply_cls: type) -> ReplyCallback:
         """A reply callback that completes ``fut`` with the unpickled ``reply_cls`` payload or the error."""
@@ -476,6 +505,8 @@ class Agent:
                 tag, reply = (reply.context_id, reply.autograd_message_id), reply.inner
             if error is None:
                 if isinstance(reply, reply_cls):
+                    if getattr(reply, "remote_ns", 0):
+                        fut._remote_ns = reply.remote_ns  # type: ignore[attr-defined]
                     try:
                         fut.set_result(self._loads(reply.payload, dest, tag))
                         return
@@ -839,7 +870,7 @@ class Agent:
         self._reply(dest, m.ExceptionReply(msg_id, payload, f"{t.__module__}.{t.__qualname__}", str(exc), tb))
 
     def _reply_value(self, dest: int, msg_id: int, value: Any, reply_cls: type = m.PythonReturn,
-                     context_id: Optional[int] = None) -> None:
+                     context_id: Optional[int] = None, remote_ns: int = 0) -> None:
         session = _SendSession(self.ctx, context_id, dest)
         try:
             payload = serialization.dumps(value, session)
@@ -847,7 +878,7 @@ class Agent:
             session.cancel()
             self._reply_exception(dest, msg_id, e)
             return
-        reply: m.Message = reply_cls(msg_id, payload)
+        reply: m.Message = reply_cls(msg_id, payload, remote_ns) if remote_ns else reply_cls(msg_id, payload)
         tag = self._autograd_tag(session, dest)
         if tag is not None:
             reply = m.ForwardAutograd(msg_id, *tag, reply)
@@ -884,12 +915,14 @@ class Agent:
 
     def _handle_call(self, src: int, msg: m.PythonCall, tag: AutogradTag = None) -> None:
         cid = tag[0] if tag else None
+        started = time.perf_counter_ns()
 
         def done(value: Any, error: Optional[BaseException]) -> None:
             if error is not None:
                 self._reply_exception(src, msg.msg_id, error)
             else:
-                self._reply_value(src, msg.msg_id, value, context_id=cid)
+                ran = (time.perf_counter_ns() - started) if msg.profile else 0
+                self._reply_value(src, msg.msg_id, value, context_id=cid, remote_ns=ran)
 
         try:
             func, args, kwargs = self._load_call(src, msg.payload, tag)

@@ -80,7 +80,7 @@ def _call_args(args: Any, kwargs: Any) -> tuple[tuple, dict]:
 
 def rpc_async(
     to: Any, func: Callable, args: Optional[tuple] = None, kwargs: Optional[dict] = None,
-    timeout: float = UNSET_RPC_TIMEOUT,
+    timeout: float = UNSET_RPC_TIMEOUT, _kind: str = "async",
 ) -> torch.futures.Future:
     """Run ``func(*args, **kwargs)`` on worker ``to``; returns a ``torch.futures.Future`` of the result.
 
@@ -91,7 +91,7 @@ def rpc_async(
     if not callable(func):
         raise TypeError(f"func must be callable, got {type(func).__name__}")
     args, kwargs = _call_args(args, kwargs)
-    return current.agent().call(to, func, args, kwargs, timeout)
+    return current.agent().call(to, func, args, kwargs, timeout, _kind)
 
 
 def rpc_sync(
@@ -99,7 +99,10 @@ def rpc_sync(
     timeout: float = UNSET_RPC_TIMEOUT,
 ) -> Any:
     """Run ``func(*args, **kwargs)`` on worker ``to`` and return its result (see :func:`rpc_async`)."""
-    return rpc_async(to, func, args, kwargs, timeout).wait()
+    if torch.autograd.profiler._is_profiler_enabled:
+        args, kwargs = _call_args(args, kwargs)
+        return current.agent().call_sync(to, func, args, kwargs, timeout)
+    return rpc_async(to, func, args, kwargs, timeout, _kind="sync").wait()
 
 
 def remote(

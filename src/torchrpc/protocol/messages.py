@@ -223,23 +223,31 @@ def peek_msg_id(frames: Sequence[Buffer]) -> int | None:
 
 @dataclass(slots=True)
 class PythonCall(Message):
-    """Run a pickled ``(func, args, kwargs)`` and reply with its result."""
+    """Run a pickled ``(func, args, kwargs)`` and reply with its result.
+
+    With ``profile`` set (the caller is being profiled), the reply carries how long
+    the function ran on the callee.
+    """
 
     TYPE = MessageType.PYTHON_CALL
+    FIELDS = (("msg_id", "u64"), ("profile", "bool"))
     HAS_PAYLOAD = True
     msg_id: int
     payload: Payload
+    profile: bool = False
 
 
 @dataclass(slots=True)
 class PythonReturn(Message):
-    """The pickled result of a call."""
+    """The pickled result of a call; ``remote_ns``: how long it ran, if the call asked."""
 
     TYPE = MessageType.PYTHON_RET
+    FIELDS = (("msg_id", "u64"), ("remote_ns", "u64"))
     HAS_PAYLOAD = True
     IS_REPLY = True
     msg_id: int
     payload: Payload
+    remote_ns: int = 0
 
 
 @dataclass(slots=True)
