@@ -15,7 +15,7 @@ from harness import run_workers
 from torchrpc import transport
 from torchrpc.transport import auth
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(120)  # above the harness timeout, so a hang gets stack dumps
 
 
 def _accept_in_background(lst):

@@ -47,7 +47,7 @@ def _debug_info(rank, world_size):
     out = {}
     if rank == 0:
         keep = rpc.remote("worker1", make_tracked)
-        keep.to_here()
+        keep._get_future().wait()  # the remote() itself is answered, not only to_here
         slow = rpc.rpc_async("worker1", sleep_then, args=(1.0, "ok"))
         info = rpc.debug_info()
         out["pending"] = info["pending_calls"]

@@ -12,7 +12,7 @@ import torchrpc.autograd as dist_autograd
 from common import init
 from harness import run_workers
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(120)  # above the harness timeout, so a hang gets stack dumps
 
 
 def scale_then(x, to):

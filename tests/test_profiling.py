@@ -12,7 +12,7 @@ import torchrpc as rpc
 from common import init, sleep_then
 from harness import run_workers
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(120)  # above the harness timeout, so a hang gets stack dumps
 
 
 def _profiled(rank, world_size):

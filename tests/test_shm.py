@@ -14,7 +14,7 @@ from harness import run_workers
 from torchrpc import transport
 from torchrpc.transport import shm, tcp
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(120)  # above the harness timeout, so a hang gets stack dumps
 
 
 def shm_backed(buf):
