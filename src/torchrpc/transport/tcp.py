@@ -47,13 +47,11 @@ def _parse(hostport: str) -> tuple[str, int]:
 
 
 def _views(frame: Sequence) -> list[memoryview]:
+    """Flat byte views of a frame's buffers, zero-length ones included (the count keeps them)."""
     views = []
     for b in frame:
         v = memoryview(b)
-        if v.ndim != 1 or v.format != "B":
-            v = v.cast("B")
-        if v.nbytes:
-            views.append(v)
+        views.append(v if v.ndim == 1 and v.format == "B" else v.cast("B"))
     return views
 
 
@@ -78,13 +76,13 @@ class TCPConnection(Connection):
         return self._shm_tx is not None
 
     def send(self, frame: Sequence) -> None:
-        lengths = [memoryview(b).nbytes for b in frame]
+        views = _views(frame)
+        lengths = [v.nbytes for v in views]
         if self._shm_tx is not None and max(lengths, default=0) >= shm.THRESHOLD:
-            frame, wire = self._through_shm(frame, lengths)
+            views, wire = self._through_shm(views, lengths)
         else:
             wire = lengths
-        views = _views(frame)
-        # zero-length buffers are kept in the count so the receiver sees them
+        views = [v for v in views if v.nbytes]
         views.insert(0, memoryview(struct.pack(f"<I{len(wire)}Q", len(wire), *wire)))
         with self._send_lock:
             if self._closed:
@@ -102,16 +100,16 @@ class TCPConnection(Connection):
             except OSError as e:
                 raise ConnectionClosed(f"send to {self.peer} failed: {e}") from e
 
-    def _through_shm(self, frame: Sequence, lengths: list[int]) -> tuple[list, list[int]]:
-        """Move the large buffers of a frame into shared memory; (frame to send, wire lengths)."""
+    def _through_shm(self, views: list[memoryview], lengths: list[int]) -> tuple[list[memoryview], list[int]]:
+        """Move the large buffers of a frame into shared memory; (views to send, wire lengths)."""
         out, wire = [], []
-        for b, n in zip(frame, lengths):
-            desc = self._shm_tx.put(memoryview(b).cast("B")) if n >= shm.THRESHOLD else None  # type: ignore[union-attr]
+        for v, n in zip(views, lengths):
+            desc = self._shm_tx.put(v) if n >= shm.THRESHOLD else None  # type: ignore[union-attr]
             if desc is None:
-                out.append(b)
+                out.append(v)
                 wire.append(n)
             else:
-                out.append(desc)
+                out.append(memoryview(desc))
                 wire.append(_SHM_BIT | len(desc))
         return out, wire
 
