@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from . import rendezvous as rdzv
-from . import serialization
+from . import profiling, serialization
 from .errors import (
     ProtocolError,
     RemoteError,
@@ -450,51 +450,45 @@ class Agent:
         if p is not None:
             p.callback(None, error)
 
-    def call(self, to: Any, func: Callable, args: tuple, kwargs: dict, timeout: float,
-             kind: str = "async") -> torch.futures.Future:
+    def call(self, to: Any, func: Callable, args: tuple, kwargs: dict, timeout: float) -> torch.futures.Future:
         """Run ``func(*args, **kwargs)`` on worker ``to``; a Future of its result.
 
-        Under torch.profiler, an async call is a ``rpc_async#func(me -> dest)`` event lasting
-        until the reply, and the callee reports how long the function ran (recorded for
-        rpc_sync by :meth:`call_sync`).
+        Under torch.profiler the call is an event on the caller (see :mod:`torchrpc.profiling`).
         """
+        dest, start = self._prepare_call(to, func, args, kwargs, timeout)
+        if not profiling.enabled():
+            return start()
+        return profiling.profiled_async(self._event("async", func, dest), start)
+
+    def call_sync(self, to: Any, func: Callable, args: tuple, kwargs: dict, timeout: float) -> Any:
+        """Run ``func(*args, **kwargs)`` on worker ``to`` and return its result."""
+        dest, start = self._prepare_call(to, func, args, kwargs, timeout)
+        if not profiling.enabled():
+            return start().wait()
+        return profiling.profiled_sync(self._event("sync", func, dest), start)
+
+    def _event(self, kind: str, func: Callable, dest: int) -> str:
+        return f"rpc_{kind}#{func_name(func)}({self.name} -> {self.workers[dest].name})"
+
+    def _prepare_call(self, to: Any, func: Callable, args: tuple, kwargs: dict,
+                      timeout: float) -> tuple[int, Callable[[], torch.futures.Future]]:
         self._check_open()
         dest = self.worker_info(to).id
         timeout = self._timeout(timeout)
+        return dest, lambda: self._call(dest, func, args, kwargs, timeout, profiling.enabled())
+
+    def _call(self, dest: int, func: Callable, args: tuple, kwargs: dict, timeout: float,
+              profiled: bool) -> torch.futures.Future:
         session = _SendSession(self.ctx, current_context_id(), dest)
         payload = self._dumps_request(func, args, kwargs, session, dest)
         fut: torch.futures.Future = torch.futures.Future()
-        desc = func_name(func)
-        profiled = torch.autograd.profiler._is_profiler_enabled
-        handle = None
-        if profiled and kind == "async":
-            event = f"rpc_async#{desc}({self.name} -> {self.workers[dest].name})"
-            handle = torch.ops.profiler._record_function_enter_new(event, None)
         try:
-            self._request(dest, m.PythonCall(0, payload, profiled), timeout, desc,
+            self._request(dest, m.PythonCall(0, payload, profiled), timeout, func_name(func),
                           self._value_reply(fut, dest, m.PythonReturn), self._autograd_tag(session, dest))
         except BaseException:
             session.cancel()
-            if handle is not None:
-                torch.ops.profiler._record_function_exit._RecordFunction(handle)
             raise
-        if handle is not None:
-            return torch.ops.profiler._call_end_callbacks_on_jit_fut(handle, fut)
         return fut
-
-    def call_sync(self, to: Any, func: Callable, args: tuple, kwargs: dict, timeout: float) -> Any:
-        """rpc_sync under torch.profiler: a ``rpc_sync#func(me -> dest)`` event for the whole call,
-        then a ``...#remote_execution_us=N`` event with the callee's execution time, both
-        recorded on the calling thread."""
-        event = f"rpc_sync#{func_name(func)}({self.name} -> {self.worker_info(to).name})"
-        with torch.profiler.record_function(event):
-            fut = self.call(to, func, args, kwargs, timeout, kind="sync")
-            value = fut.wait()
-        remote_ns = getattr(fut, "_remote_ns", 0)
-        if remote_ns:
-            with torch.profiler.record_function(f"{event}#remote_execution_us={remote_ns // 1000}"):
-                pass
-        return value
 
     def _value_reply(self, fut: torch.futures.Future, dest: int, reply_cls: type) -> ReplyCallback:
         """A reply callback that completes ``fut`` with the unpickled ``reply_cls`` payload or the error."""

@@ -72,7 +72,9 @@ def get_worker_info(worker_name: Optional[str] = None) -> WorkerInfo:
     return current.agent().worker_info(worker_name)
 
 
-def _call_args(args: Any, kwargs: Any) -> tuple[tuple, dict]:
+def _call_args(func: Any, args: Any, kwargs: Any) -> tuple[tuple, dict]:
+    if not callable(func):
+        raise TypeError(f"func must be callable, got {type(func).__name__}")
     args = () if args is None else tuple(args)
     kwargs = {} if kwargs is None else dict(kwargs)
     return args, kwargs
@@ -80,7 +82,7 @@ def _call_args(args: Any, kwargs: Any) -> tuple[tuple, dict]:
 
 def rpc_async(
     to: Any, func: Callable, args: Optional[tuple] = None, kwargs: Optional[dict] = None,
-    timeout: float = UNSET_RPC_TIMEOUT, _kind: str = "async",
+    timeout: float = UNSET_RPC_TIMEOUT,
 ) -> torch.futures.Future:
     """Run ``func(*args, **kwargs)`` on worker ``to``; returns a ``torch.futures.Future`` of the result.
 
@@ -88,10 +90,8 @@ def rpc_async(
     -1: the default from the options). Errors raised by ``func`` are raised by
     ``Future.wait()``, with their type and the remote traceback.
     """
-    if not callable(func):
-        raise TypeError(f"func must be callable, got {type(func).__name__}")
-    args, kwargs = _call_args(args, kwargs)
-    return current.agent().call(to, func, args, kwargs, timeout, _kind)
+    args, kwargs = _call_args(func, args, kwargs)
+    return current.agent().call(to, func, args, kwargs, timeout)
 
 
 def rpc_sync(
@@ -99,10 +99,8 @@ def rpc_sync(
     timeout: float = UNSET_RPC_TIMEOUT,
 ) -> Any:
     """Run ``func(*args, **kwargs)`` on worker ``to`` and return its result (see :func:`rpc_async`)."""
-    if torch.autograd.profiler._is_profiler_enabled:
-        args, kwargs = _call_args(args, kwargs)
-        return current.agent().call_sync(to, func, args, kwargs, timeout)
-    return rpc_async(to, func, args, kwargs, timeout, _kind="sync").wait()
+    args, kwargs = _call_args(func, args, kwargs)
+    return current.agent().call_sync(to, func, args, kwargs, timeout)
 
 
 def remote(
@@ -114,9 +112,7 @@ def remote(
     Returns at once. If creating the value fails or times out, the error is raised
     by the RRef's next use (``to_here()``), as in torch.distributed.rpc.
     """
-    if not callable(func):
-        raise TypeError(f"func must be callable, got {type(func).__name__}")
-    args, kwargs = _call_args(args, kwargs)
+    args, kwargs = _call_args(func, args, kwargs)
     handle, created = current.agent().remote(to, func, args, kwargs, timeout)
     return RRef._wrap(handle, created)
 
