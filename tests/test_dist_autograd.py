@@ -515,15 +515,22 @@ def reset_counts():
 
 
 def _matrix(rank, world_size, plan):
-    """Run each (topology, passes) of ``plan`` on worker0, one fresh context each; errors as text."""
+    """Run each (topology, passes) of ``plan`` on worker0, one fresh context each; errors as text.
+
+    Also counts worker0's discovery walks (none in a pass that skips discovery)."""
     init(rank, world_size, rpc_timeout=30)
     out = {}
     if rank == 0:
+        service = rpc.api.current.agent().autograd
+        discover, walks = service._discover, []
+        service._discover = lambda *a: (walks.append(1), discover(*a))[1]
         for topo, passes in plan:
             for r in range(world_size):
                 rpc.rpc_sync(r, reset_counts)
+            walks.clear()
             try:
                 out[(topo, passes)] = run_topology(topo, world_size, passes)
+                out[(topo, passes)]["discoveries"] = len(walks)
             except Exception as e:  # noqa: BLE001 - the test reports it
                 out[(topo, passes)] = f"{type(e).__name__}: {e}"
     rpc.shutdown()
@@ -554,6 +561,31 @@ def check_result(topo, out, passes=1):
 @pytest.mark.parametrize("topo", MATRIX)
 def test_gradients_match_single_process_autograd(matrix_results, topo):
     check_result(topo, matrix_results[(topo, 1)])
+
+
+# Discovery is skipped exactly when no gradients can converge (DistAutogradContext.converges).
+SKIPS_DISCOVERY = {
+    "ring": "every send's part is its own",
+    "fanout": "a leaf sent twice: its gradients just add up",
+    "param_in_two_rpcs": "the same, for a parameter",
+    "remote_add": "one send",
+    "remote_random_tensors": "two leaves of B fetched by to_here",
+}
+NEEDS_DISCOVERY = {
+    "chain": "B sends h to C and returns a function of h: B's sends converge, and A hears of it",
+    "count_fan": "a non-leaf sent to B and C from the starter",
+    "count_on_b": "converging sends on B, two hops from the starter",
+    "pingpong_sequential": "the root reaches the recv that the starter sent on",
+}
+
+
+@pytest.mark.parametrize("topo", sorted(SKIPS_DISCOVERY) + sorted(NEEDS_DISCOVERY))
+def test_discovery_runs_only_where_gradients_converge(matrix_results, topo):
+    out = matrix_results[(topo, 1)]
+    check_result(topo, out)
+    # worker0 walks once when it starts discovery, and again whenever discovery comes back to it
+    assert (out["discoveries"] == 0) == (topo in SKIPS_DISCOVERY), (
+        SKIPS_DISCOVERY.get(topo) or NEEDS_DISCOVERY[topo])
 
 
 @pytest.mark.parametrize("topo", RETAIN)
@@ -945,10 +977,10 @@ def _bad_input(rank, world_size):
             raw = {
                 "fa_short": lambda mid: [struct.pack("<BQq", FA, mid, cid), *call_frames(mid, "fa_short")],
                 "fa_long": lambda mid: [struct.pack("<BQqQQ", FA, mid, cid, 0, 0), *call_frames(mid, "fa_long")],
-                "fa_id_mismatch": lambda mid: [struct.pack("<BQqQ", FA, mid, cid, 0), *call_frames(mid + 1000, "fa_id")],
-                "fa_in_fa": lambda mid: [struct.pack("<BQqQ", FA, mid, cid, 0), struct.pack("<BQqQ", FA, mid, cid, 0),
+                "fa_id_mismatch": lambda mid: [struct.pack("<BQqQB", FA, mid, cid, 0, 0), *call_frames(mid + 1000, "fa_id")],
+                "fa_in_fa": lambda mid: [struct.pack("<BQqQB", FA, mid, cid, 0, 0), struct.pack("<BQqQB", FA, mid, cid, 0, 0),
                                          *call_frames(mid, "fa_in_fa")],
-                "fa_empty": lambda mid: [struct.pack("<BQqQ", FA, mid, cid, 0)],
+                "fa_empty": lambda mid: [struct.pack("<BQqQB", FA, mid, cid, 0, 0)],
                 "discover_short": lambda mid: [struct.pack("<BQqQ", BD, mid, cid, FAKE_PASS), ids],
                 "discover_long": lambda mid: [struct.pack("<BQqQ?Q", BD, mid, cid, FAKE_PASS, False, 0), ids],
                 "propagate_short": lambda mid: [struct.pack("<BQqQ", PG, mid, cid, FAKE_PASS), *tens],
@@ -992,6 +1024,14 @@ def _bad_input(rank, world_size):
             dist_autograd.backward(cid, [loss])
             grads, cnts = collect(cid, world_size)
             out["simple"] = {"loss": loss.item(), "grads": grads, "counts": cnts, "times": [0.0], "cid": cid}
+        # a pass without discovery takes one delivery per send, like one with it
+        with dist_autograd.context() as cid2:
+            t_simple()
+            with use_context(None):
+                (s2, _), = rpc.rpc_sync(1, context_info, args=(cid2,))["sends"].items()
+            direct = m.PropagateGradients(0, cid2, FAKE_PASS, s2, grad3, True, True)
+            expect("propagate_direct_first", direct)
+            expect("propagate_direct_twice", m.PropagateGradients(0, cid2, FAKE_PASS, s2, grad3, True, True))
     rpc.shutdown()
     return out
 
@@ -1029,6 +1069,7 @@ BAD_INPUT_EXPECTED = {
     "get_gradients_unknown_context": f"could not find distributed autograd context with id {UNKNOWN_CTX}",
     "owner_rref_backward_vector": "scalar",
     "nested_context": "do not nest",
+    "propagate_direct_twice": "already received its gradients in backward pass 555",
 }
 
 
@@ -1036,6 +1077,7 @@ def test_bad_autograd_messages_get_error_replies_and_the_worker_carries_on():
     out = run_workers(_bad_input, 3, timeout=60)[0]
     errors = out["errors"]
     assert errors.pop("discover_ok") is None
+    assert errors.pop("propagate_direct_first") is None
     assert errors.pop("cleanup_unknown_context") is None  # releasing an unknown context is a no-op
     assert sorted(errors) == sorted(BAD_INPUT_EXPECTED)
     for case, needle in BAD_INPUT_EXPECTED.items():

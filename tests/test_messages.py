@@ -100,13 +100,14 @@ def examples():
         m.Heartbeat(U64),
         # distributed autograd
         m.ForwardAutograd(11, (3 << 48) | 7, U64, m.PythonCall(11, payload())),
-        m.ForwardAutograd(12, I64_MIN, 0, m.RRefFetchCall(12, Gid(1, 2))),  # fixed-layout inner message
+        m.ForwardAutograd(12, I64_MIN, 0, m.RRefFetchCall(12, Gid(1, 2)), True),  # fixed-layout inner message
         m.ForwardAutograd(U64, -1, (1 << 48) | 1, m.PythonReturn(U64, payload(b"reply", [b"t" * 24]))),
         m.BackwardDiscover(13, (1 << 48) | 3, (2 << 48) | 1, True, [1, U64, 0, (5 << 48) | 9]),
         m.BackwardDiscover(14, I64_MAX, U64, False, []),
         m.PropagateGradients(15, (2 << 48) | 4, 7, (1 << 48) | 2, gradient_list()),
         m.PropagateGradients(16, -1, 0, 0, []),
-        m.PropagateGradients(17, 1, U64, U64, [None, None]),
+        m.PropagateGradients(17, 1, U64, U64, [None, None], True, True),
+        m.PropagateGradients(19, 1, 2, 3, [torch.ones(2)], True, False),
         m.CleanupAutogradContext(18, I64_MAX),
         m.CleanupAutogradContext(19, -1),
         m.RRefBackward(20, Gid(1, 2), (1 << 48) | 5, True),
@@ -223,13 +224,14 @@ _plain_message = st.one_of(
     st.builds(m.Hello, u64, u32, texts),
     st.builds(m.Heartbeat, u64),
     st.builds(m.BackwardDiscover, u64, i64, u64, st.booleans(), st.lists(u64, max_size=5)),
-    st.builds(m.PropagateGradients, u64, i64, u64, u64, st.lists(small_tensors, max_size=4)),
+    st.builds(m.PropagateGradients, u64, i64, u64, u64, st.lists(small_tensors, max_size=4), st.booleans(), st.booleans()),
     st.builds(m.CleanupAutogradContext, u64, i64),
     st.builds(m.RRefBackward, u64, gids, i64, st.booleans()),
 )
 any_message = st.one_of(
     _plain_message,
-    st.builds(lambda inner, cid, ag: m.ForwardAutograd(inner.msg_id, cid, ag, inner), _plain_message, i64, u64),
+    st.builds(lambda inner, cid, ag, conv: m.ForwardAutograd(inner.msg_id, cid, ag, inner, conv),
+              _plain_message, i64, u64, st.booleans()),
 )
 
 
@@ -403,20 +405,22 @@ def test_is_reply_flags():
 
 def test_forward_autograd_layout_is_its_header_then_the_inner_frame():
     inner = m.PythonCall(77, payload())
-    frame = m.ForwardAutograd(77, -5, (1 << 48) | 3, inner).encode()
-    assert struct.unpack("<BQqQ", bytes(frame[0])) == (m.MessageType.FORWARD_AUTOGRAD, 77, -5, (1 << 48) | 3)
+    frame = m.ForwardAutograd(77, -5, (1 << 48) | 3, inner, True).encode()
+    assert struct.unpack("<BQqQB", bytes(frame[0])) == (m.MessageType.FORWARD_AUTOGRAD, 77, -5, (1 << 48) | 3, 1)
     assert [bytes(b) for b in frame[1:]] == [bytes(b) for b in inner.encode()]
     assert m.peek_msg_id(frame) == 77
 
 
 def test_forward_autograd_malformed():
     call = wire(m.PythonCall(5, payload()).encode())
-    head = struct.pack("<BQqQ", m.MessageType.FORWARD_AUTOGRAD, 5, 1, 2)
+    head = struct.pack("<BQqQB", m.MessageType.FORWARD_AUTOGRAD, 5, 1, 2, 0)
     assert m.decode([head, *call]).inner.msg_id == 5  # the well-formed version
+    with pytest.raises(ProtocolError, match="not a boolean"):
+        m.decode([struct.pack("<BQqQB", m.MessageType.FORWARD_AUTOGRAD, 5, 1, 2, 2), *call])
     with pytest.raises(ProtocolError, match="carries no message"):
         m.decode([head])
     with pytest.raises(ProtocolError, match="differs"):
-        m.decode([struct.pack("<BQqQ", m.MessageType.FORWARD_AUTOGRAD, 6, 1, 2), *call])
+        m.decode([struct.pack("<BQqQB", m.MessageType.FORWARD_AUTOGRAD, 6, 1, 2, 0), *call])
     with pytest.raises(ProtocolError, match="may not wrap"):
         m.decode([head, head, *call])
     with pytest.raises(ProtocolError):  # the inner message is itself malformed
@@ -462,10 +466,13 @@ def _meta(*entries):
 
 
 def test_propagate_gradients_malformed():
-    head = struct.pack("<BQqQQ", m.MessageType.BACKWARD_AUTOGRAD_REQ, 1, 2, 3, 4)
+    head = struct.pack("<BQqQQBB", m.MessageType.BACKWARD_AUTOGRAD_REQ, 1, 2, 3, 4, 1, 0)
     f64 = 1  # tensor_codec.DTYPES index of float64
     ok = m.decode([head, _meta((f64, (2,)), None), struct.pack("<2d", 1.0, 2.0)])
     assert ok.grads[1] is None and ok.grads[0].tolist() == [1.0, 2.0] and ok.grads[0].dtype == torch.float64
+    assert ok.direct is True and ok.retain_graph is False
+    with pytest.raises(ProtocolError, match="not a boolean"):
+        m.decode([struct.pack("<BQqQQBB", m.MessageType.BACKWARD_AUTOGRAD_REQ, 1, 2, 3, 4, 0, 7), b""])
     assert m.decode([head, b""]).grads == []
     with pytest.raises(ProtocolError, match="metadata buffer"):
         m.decode([head])
@@ -486,7 +493,7 @@ def test_propagate_gradients_malformed():
     with pytest.raises(ProtocolError, match="header has"):
         m.decode([struct.pack("<BQqQ", m.MessageType.BACKWARD_AUTOGRAD_REQ, 1, 2, 3), b""])
     with pytest.raises(ProtocolError, match="header has"):
-        m.decode([struct.pack("<BQqQQQ", m.MessageType.BACKWARD_AUTOGRAD_REQ, 1, 2, 3, 4, 5), b""])
+        m.decode([struct.pack("<BQqQQQQ", m.MessageType.BACKWARD_AUTOGRAD_REQ, 1, 2, 3, 4, 5, 6), b""])
 
 
 def test_gradients_may_only_be_dense_cpu_tensors_of_known_dtypes():

@@ -18,6 +18,7 @@ future, which the reader completes: one thread hand-off each way.
 """
 from __future__ import annotations
 
+import collections
 import heapq
 import os
 import itertools
@@ -26,7 +27,7 @@ import queue
 import threading
 import time
 import traceback
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
@@ -55,7 +56,19 @@ _tls = threading.local()
 
 ReplyCallback = Callable[[Optional[m.Message], Optional[BaseException]], None]
 #: (context id, autograd message id or 0) of a message sent inside a distributed autograd context
-AutogradTag = Optional[tuple[int, int]]
+class AutogradTag(NamedTuple):
+    """What a FORWARD_AUTOGRAD wrapper says of the message inside it."""
+
+    context_id: int
+    autograd_message_id: int = 0  # the message's send, 0 if it carries no tensor that requires grad
+    converges: bool = False  # the sender's sends may converge (see DistAutogradContext.converges)
+
+    @classmethod
+    def of(cls, fa: m.ForwardAutograd) -> "AutogradTag":
+        return cls(fa.context_id, fa.autograd_message_id, fa.converges)
+
+    def wrap(self, msg: m.Message) -> m.ForwardAutograd:
+        return m.ForwardAutograd(msg.msg_id, self.context_id, self.autograd_message_id, msg, self.converges)
 
 
 #: Control messages (RRef, autograd cleanup) are resent if unacknowledged after this many
@@ -118,50 +131,76 @@ class _Pending:
         self.callback = callback
 
 
+class _Idle:
+    """A parked pool thread: woken by releasing ``wake`` after setting ``item``."""
+
+    __slots__ = ("wake", "item")
+
+    def __init__(self) -> None:
+        self.wake = threading.Lock()
+        self.wake.acquire()
+        self.item: Any = None
+
+
 class _Pool:
     """Threads that run queued callables; ``stop`` runs what is queued, then joins.
 
     Starts ``size`` threads and adds one whenever work is queued while none is idle
     (up to ``max_size``): user functions that block in nested RPCs then cannot
     starve the pool into a deadlock, however deep the nesting.
+
+    Work goes to the thread that went idle last. Keeping work on few threads keeps
+    their caches warm and, above all, their malloc arenas (glibc gives each thread
+    its own): spread over many threads, a training step's large tensors came from a
+    different arena each time, each arena growing and handing its pages back to the
+    kernel in turn -- ~2,400 page faults and 10 ms of system time per step on each
+    W5 stage worker, a third of its CPU time (docs/performance.md).
     """
 
     def __init__(self, size: int, name: str, max_size: int = 1024) -> None:
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._name = name
         self._max = max(size, max_size)
         self._lock = threading.Lock()
-        self._idle = 0
+        self._work: collections.deque = collections.deque()
+        self._idle: list[_Idle] = []  # a stack: the last to park is woken first
+        self._starting = 0  # threads spawned that have not looked for work yet
         self._threads: list[threading.Thread] = []
-        for _ in range(size):
-            self._spawn()
+        with self._lock:
+            for _ in range(size):
+                self._spawn()
 
-    def _spawn(self, counted_idle: bool = False) -> None:
-        t = threading.Thread(target=self._run, args=(counted_idle,), name=f"{self._name}-{len(self._threads)}",
-                             daemon=True)
+    def _spawn(self) -> None:
+        self._starting += 1
+        t = threading.Thread(target=self._run, name=f"{self._name}-{len(self._threads)}", daemon=True)
         self._threads.append(t)
         t.start()
 
     def submit(self, fn: Callable, *args: Any) -> None:
-        self._queue.put((fn, args))
-        if self._idle <= 0 and len(self._threads) < self._max:
-            with self._lock:
-                if self._idle <= 0 and len(self._threads) < self._max:
-                    self._idle += 1  # the new thread counts as idle until it takes work
-                    self._spawn(counted_idle=True)
+        with self._lock:
+            if self._idle:
+                idle = self._idle.pop()
+                idle.item = (fn, args)
+                idle.wake.release()
+                return
+            self._work.append((fn, args))
+            if len(self._work) > self._starting and len(self._threads) < self._max:
+                self._spawn()
 
-    def _run(self, counted_idle: bool) -> None:
+    def _run(self) -> None:
         _tls.in_pool = True
-        get, lock = self._queue.get, self._lock
+        me = _Idle()
+        lock, work, idle = self._lock, self._work, self._idle
+        with lock:
+            self._starting -= 1
         while True:
-            if not counted_idle:
-                with lock:
-                    self._idle += 1
-            counted_idle = False
-            item = get()
             with lock:
-                self._idle -= 1
+                item = work.popleft() if work else None
+                if item is None:
+                    idle.append(me)
             if item is None:
+                me.wake.acquire()
+                item, me.item = me.item, None
+            if item is _STOP:
                 return
             fn, args = item
             try:
@@ -174,12 +213,19 @@ class _Pool:
         with self._lock:
             threads = list(self._threads)
             self._max = 0  # no more growth
-        for _ in threads:
-            self._queue.put(None)
+            busy = len(threads) - len(self._idle)
+            while self._idle:  # nothing is queued while a thread is idle
+                idle = self._idle.pop()
+                idle.item = _STOP
+                idle.wake.release()
+            self._work.extend([_STOP] * busy)  # after the queued work
         me = threading.current_thread()
         for t in threads:
             if t is not me:
                 t.join(timeout)
+
+
+_STOP = object()
 
 
 class _SendSession(serialization.Session):
@@ -429,7 +475,7 @@ class Agent:
             return self._conns.get(dest)
 
     def _request(self, dest: int, msg: m.Message, timeout: float, desc: str, callback: ReplyCallback,
-                 autograd: AutogradTag = None) -> int:
+                 autograd: Optional[AutogradTag] = None) -> int:
         """Send a request; ``callback(reply, error)`` runs exactly once (reply, timeout or failure)."""
         msg_id = msg.msg_id = next(self._ids)
         deadline = time.monotonic() + timeout if timeout > 0 else 0.0
@@ -438,7 +484,7 @@ class Agent:
             with self._deadline_lock:
                 heapq.heappush(self._deadlines, (deadline, msg_id))
         try:
-            self._send(dest, (m.ForwardAutograd(msg_id, *autograd, msg) if autograd else msg).encode())
+            self._send(dest, (autograd.wrap(msg) if autograd else msg).encode())
         except BaseException:
             self._pending.pop(msg_id, None)
             raise
@@ -494,9 +540,9 @@ class Agent:
         """A reply callback that completes ``fut`` with the unpickled ``reply_cls`` payload or the error."""
 
         def on_reply(reply: Optional[m.Message], error: Optional[BaseException]) -> None:
-            tag: AutogradTag = None
+            tag: Optional[AutogradTag] = None
             if isinstance(reply, m.ForwardAutograd):
-                tag, reply = (reply.context_id, reply.autograd_message_id), reply.inner
+                tag, reply = AutogradTag.of(reply), reply.inner
             if error is None:
                 if isinstance(reply, reply_cls):
                     if getattr(reply, "remote_ns", 0):
@@ -512,25 +558,28 @@ class Agent:
 
         return on_reply
 
-    def _autograd_tag(self, session: _SendSession, dest: int) -> AutogradTag:
+    def _autograd_tag(self, session: _SendSession, dest: int) -> Optional[AutogradTag]:
         """Record the message's send (if it carries tensors that require grad) in its context."""
         cid = session.context_id
         if cid is None:
             return None
         if session.grad_tensors:
-            return cid, self.autograd.record_send(cid, dest, session.grad_tensors)
+            ag_id = self.autograd.record_send(cid, dest, session.grad_tensors)
+            return AutogradTag(cid, ag_id, self.autograd.converges(cid))
         self.autograd.touch(cid, dest)
-        return cid, 0
+        return AutogradTag(cid)
 
-    def _loads(self, payload: m.Payload, src: int, tag: AutogradTag) -> Any:
+    def _loads(self, payload: m.Payload, src: int, tag: Optional[AutogradTag]) -> Any:
         """Unpickle a payload from ``src``, recording its recv if it came inside a context."""
-        session = _RecvSession(self.ctx, src, recording=bool(tag and tag[1]), world_size=self.world_size)
+        session = _RecvSession(self.ctx, src, recording=bool(tag and tag.autograd_message_id),
+                               world_size=self.world_size)
         value = serialization.loads(payload, session)
         if tag is not None:
-            if tag[1]:
-                self.autograd.record_recv(tag[0], src, tag[1], session.grad_tensors)
+            if tag.autograd_message_id:
+                self.autograd.record_recv(tag.context_id, src, tag.autograd_message_id, session.grad_tensors,
+                                          tag.converges)
             else:
-                self.autograd.touch(tag[0], src)
+                self.autograd.touch(tag.context_id, src)
         return value
 
     def _dumps_request(self, func: Callable, args: tuple, kwargs: dict, session: _SendSession, dest: int) -> m.Payload:
@@ -622,7 +671,7 @@ class Agent:
         if cid is not None:
             self.autograd.touch(cid, dest)
         msg_id = self._request(dest, m.RRefFetchCall(0, user.rref_id), timeout, "RRef.to_here",
-                               self._value_reply(fut, dest, m.RRefFetchReturn), None if cid is None else (cid, 0))
+                               self._value_reply(fut, dest, m.RRefFetchReturn), None if cid is None else AutogradTag(cid))
         if created is not None:
             def creation_done(f: torch.futures.Future) -> None:
                 try:
@@ -703,7 +752,7 @@ class Agent:
 
     def _dispatch(self, src: int, frame: list) -> Optional[tuple[Callable, tuple]]:
         """Decode a frame; complete a reply's future here, or return the request's handler to run."""
-        tag: AutogradTag = None
+        tag: Optional[AutogradTag] = None
         try:
             msg = m.decode(frame)
             handler = None
@@ -711,7 +760,7 @@ class Agent:
                 return None
             if not msg.IS_REPLY:
                 if isinstance(msg, m.ForwardAutograd):
-                    tag, msg = (msg.context_id, msg.autograd_message_id), msg.inner
+                    tag, msg = AutogradTag.of(msg), msg.inner
                 handler = self._handlers.get(type(msg))
                 if handler is None:
                     raise ProtocolError(f"{type(msg).__name__} is not a request")
@@ -875,7 +924,7 @@ class Agent:
         reply: m.Message = reply_cls(msg_id, payload, remote_ns) if remote_ns else reply_cls(msg_id, payload)
         tag = self._autograd_tag(session, dest)
         if tag is not None:
-            reply = m.ForwardAutograd(msg_id, *tag, reply)
+            reply = tag.wrap(reply)
         try:
             self._send(dest, reply.encode())
         except WorkerUnavailableError as e:
@@ -907,8 +956,8 @@ class Agent:
 
         result.add_done_callback(finished)
 
-    def _handle_call(self, src: int, msg: m.PythonCall, tag: AutogradTag = None) -> None:
-        cid = tag[0] if tag else None
+    def _handle_call(self, src: int, msg: m.PythonCall, tag: Optional[AutogradTag] = None) -> None:
+        cid = tag.context_id if tag else None
         started = time.perf_counter_ns()
 
         def done(value: Any, error: Optional[BaseException]) -> None:
@@ -926,14 +975,14 @@ class Agent:
         with use_context(cid):  # the callee runs inside the caller's context
             self._run_user(func, args, kwargs, done)
 
-    def _load_call(self, src: int, payload: m.Payload, tag: AutogradTag) -> tuple:
+    def _load_call(self, src: int, payload: m.Payload, tag: Optional[AutogradTag]) -> tuple:
         call = self._loads(payload, src, tag)
         if not (isinstance(call, tuple) and len(call) == 3 and callable(call[0])
                 and isinstance(call[1], tuple) and isinstance(call[2], dict)):
             raise ProtocolError("a call payload must be (callable, args tuple, kwargs dict)")
         return call
 
-    def _handle_remote(self, src: int, msg: m.RemoteCall, tag: AutogradTag = None) -> None:
+    def _handle_remote(self, src: int, msg: m.RemoteCall, tag: Optional[AutogradTag] = None) -> None:
         if msg.fork_id.created_on != src or msg.rref_id.created_on != src:
             self._reply_exception(src, msg.msg_id, ProtocolError("remote call ids must be created by the caller"))
             return
@@ -956,12 +1005,12 @@ class Agent:
         except BaseException as e:
             done(None, e)
             return
-        with use_context(tag[0] if tag else None):
+        with use_context(tag.context_id if tag else None):
             self._run_user(func, args, kwargs, done)
 
-    def _handle_fetch(self, src: int, msg: m.RRefFetchCall, tag: AutogradTag = None) -> None:
+    def _handle_fetch(self, src: int, msg: m.RRefFetchCall, tag: Optional[AutogradTag] = None) -> None:
         owner = self.ctx.get_or_create_owner(msg.rref_id)
-        cid = tag[0] if tag else None
+        cid = tag.context_id if tag else None
         if cid is not None:
             self.autograd.touch(cid, src)
 
@@ -975,16 +1024,16 @@ class Agent:
 
         owner.add_done_callback(lambda o: self._on_pool(ready, o))
 
-    def _handle_user_delete(self, src: int, msg: m.RRefUserDelete, tag: AutogradTag = None) -> None:
+    def _handle_user_delete(self, src: int, msg: m.RRefUserDelete, tag: Optional[AutogradTag] = None) -> None:
         released = self.ctx.on_user_delete(msg.rref_id, msg.fork_id)
         self._reply(src, m.RRefAck(msg.msg_id))
         del released  # the value goes here, outside any lock
 
-    def _handle_fork_request(self, src: int, msg: m.RRefForkRequest, tag: AutogradTag = None) -> None:
+    def _handle_fork_request(self, src: int, msg: m.RRefForkRequest, tag: Optional[AutogradTag] = None) -> None:
         self.ctx.on_fork_request(msg.rref_id, msg.fork_id)
         self._reply(src, m.RRefAck(msg.msg_id))
 
-    def _handle_child_accept(self, src: int, msg: m.RRefChildAccept, tag: AutogradTag = None) -> None:
+    def _handle_child_accept(self, src: int, msg: m.RRefChildAccept, tag: Optional[AutogradTag] = None) -> None:
         self.ctx.on_child_accept(msg.fork_id)
         self._reply(src, m.RRefAck(msg.msg_id))
 

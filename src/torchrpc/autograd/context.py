@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 
 from ..errors import RPCError
-from .engine import Edge, LocalBackward, edge_of
+from .engine import Edge, LocalBackward, edge_of, walk
 
 _tls = threading.local()
 
@@ -76,7 +76,16 @@ class PassState:
 
 
 class DistAutogradContext:
-    """Everything one worker holds for one context id."""
+    """Everything one worker holds for one context id.
+
+    ``converges`` is True once two of this worker's sends reach a common autograd
+    node (other than the leaf of a tensor of its own, whose gradients simply add
+    up), or once a recv arrives from a worker where that holds. It travels on
+    every send, so it flows forward along the data: if a backward pass could reach
+    two converging sends anywhere, the worker that starts it has the flag too.
+    Without it (and with no root converging with a send there), the starter skips
+    discovery and each send's gradient runs on arrival (:meth:`may_skip_discovery`).
+    """
 
     def __init__(self, context_id: int) -> None:
         self.context_id = context_id
@@ -87,18 +96,55 @@ class DistAutogradContext:
         self.grads: dict[torch.Tensor, torch.Tensor] = {}
         self.known_workers: set[int] = set()
         self.passes: dict[int, PassState] = {}
+        self.converges = False
+        self._send_reach: dict[int, frozenset[int]] = {}
+        #: (pass id, send id) of the deliveries of passes that skipped discovery
+        self.direct_deliveries: set[tuple[int, int]] = set()
 
     def add_send(self, autograd_message_id: int, peer: int, tensors: list[torch.Tensor]) -> None:
         with self.lock:
             self.sends[autograd_message_id] = Exchange(peer, tensors, [edge_of(t) for t in tensors])
             self.known_workers.add(peer)
+            if not self.converges and len(self.sends) > 1:
+                new = self.send_reach(autograd_message_id)
+                self.converges = any(new & self.send_reach(other)
+                                     for other in self.sends if other != autograd_message_id)
 
-    def add_recv(self, autograd_message_id: int, peer: int, tensors: list[torch.Tensor]) -> None:
+    def add_recv(self, autograd_message_id: int, peer: int, tensors: list[torch.Tensor],
+                 converges: bool = False) -> None:
         with self.lock:
             self.recvs[autograd_message_id] = Exchange(peer, tensors)
             self.known_workers.add(peer)
+            self.converges = self.converges or converges
             for i, t in enumerate(tensors):
                 self._recv_index[id(t)] = (autograd_message_id, i)
+
+    def reach(self, edges: list[Optional[Edge]]) -> frozenset[int]:
+        """Ids of the autograd nodes a gradient into ``edges`` runs, with the recvs it reaches.
+
+        Leaves of this worker's own tensors are left out: gradients that reach one by
+        two ways add up in the context whichever way they come."""
+        inner, sinks = walk([e for e in edges if e is not None])
+        return frozenset([id(n) for n in inner] + [id(s) for s in sinks if self.recv_of(s.variable) is not None])
+
+    def send_reach(self, autograd_message_id: int) -> frozenset[int]:
+        reach = self._send_reach.get(autograd_message_id)
+        if reach is None:
+            reach = self._send_reach[autograd_message_id] = self.reach(self.send_edges(autograd_message_id))
+        return reach
+
+    def may_skip_discovery(self, roots: list[Optional[Edge]]) -> bool:
+        """Whether a pass from ``roots`` started here can run each gradient on arrival.
+
+        It can when no sends converge (here or upstream, see the class) and the
+        roots reach no node that a send of this worker reaches (``x + f(x)``)."""
+        with self.lock:
+            if self.converges:
+                return False
+            if not self.sends:
+                return True
+            from_roots = self.reach(roots)
+            return not any(from_roots & self.send_reach(ag_id) for ag_id in self.sends)
 
     def recv_of(self, t: torch.Tensor) -> Optional[tuple[int, int]]:
         hit = self._recv_index.get(id(t))
@@ -127,8 +173,13 @@ class DistAutogradContext:
             sources["root"] = list(state.roots)
         for ag_id in sorted(state.active_sends):
             sources[("send", ag_id)] = self.send_edges(ag_id)
-        sizes = {ag_id: len(ex.tensors) for ag_id, ex in self.recvs.items()}
-        return LocalBackward(sources, self.recv_of, sizes, state.retain_graph)
+        return self.engine(sources, state.retain_graph)
+
+    def engine(self, sources: dict[Any, list[Optional[Edge]]], retain_graph: bool) -> LocalBackward:
+        """A local engine fed by ``sources`` (key -> edges); recvs are this context's."""
+        with self.lock:
+            sizes = {ag_id: len(ex.tensors) for ag_id, ex in self.recvs.items()}
+        return LocalBackward(sources, self.recv_of, sizes, retain_graph)
 
     def clear(self) -> None:
         with self.lock:
@@ -137,6 +188,8 @@ class DistAutogradContext:
             self._recv_index.clear()
             self.grads.clear()
             self.passes.clear()
+            self._send_reach.clear()
+            self.direct_deliveries.clear()
 
 
 class ContextContainer:

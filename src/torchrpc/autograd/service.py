@@ -1,6 +1,6 @@
 """Distributed autograd on one worker: recording sends and recvs, backward passes, cleanup.
 
-A backward pass runs in two phases, both over RPC:
+A backward pass runs in two phases, both over RPC (the first only when needed):
 
 1. **Discovery** (SMART mode): from the roots, find the recvs they reach; ask
    each recv's sender which of *its* recvs that send reaches, and so on. Each
@@ -12,6 +12,12 @@ A backward pass runs in two phases, both over RPC:
    whose worker runs its part, and so on. A ``PropagateGradients`` is answered
    once all the work it set off has finished everywhere, so the starter's
    ``backward`` returns when the whole pass has.
+
+Discovery matters only where gradients converge: two sends of one worker that
+reach a common node must both deliver before that node runs. Contexts track
+whether that can happen (``DistAutogradContext.converges``); when it cannot,
+the starter skips discovery and every delivery runs on arrival, alone
+(``direct`` passes: one round trip per RPC boundary instead of two).
 
 Every message is validated; a malformed one or an unknown context, RRef, pass or
 send id gets an error reply naming it, and the worker carries on.
@@ -54,8 +60,13 @@ class DistAutograd:
         self.contexts.get_or_create(context_id).add_send(ag_id, peer, tensors)
         return ag_id
 
-    def record_recv(self, context_id: int, peer: int, ag_id: int, tensors: list[torch.Tensor]) -> None:
-        self.contexts.get_or_create(context_id).add_recv(ag_id, peer, tensors)
+    def record_recv(self, context_id: int, peer: int, ag_id: int, tensors: list[torch.Tensor],
+                    converges: bool = False) -> None:
+        self.contexts.get_or_create(context_id).add_recv(ag_id, peer, tensors, converges)
+
+    def converges(self, context_id: int) -> bool:
+        """Whether sends of this context may converge here or upstream (sent with every send)."""
+        return self.contexts.get_or_create(context_id).converges
 
     def touch(self, context_id: int, peer: int) -> None:
         """A message of this context was exchanged with ``peer``: it must hear of cleanup."""
@@ -96,14 +107,20 @@ class DistAutograd:
                 raise RuntimeError(f"roots of a distributed backward must be scalars; got shape {list(r.shape)}")
         ctx = self.contexts.get(context_id)
         pass_id = (self.agent.rank << 48) | next(self._pass_ids)
-        state = PassState(retain_graph=bool(retain_graph), roots=[edge_of(r) for r in roots])
+        retain_graph, edges = bool(retain_graph), [edge_of(r) for r in roots]
+        ones = [torch.ones_like(r) for r in roots]
+        state = PassState(retain_graph=retain_graph, roots=edges)  # kept for views (graph) in both modes
         with ctx.lock:
             ctx.passes[pass_id] = state
+        if ctx.may_skip_discovery(edges):
+            outcome = ctx.engine({"root": edges}, retain_graph).deliver("root", ones)
+            self._apply(ctx, pass_id, outcome, direct=True, retain_graph=retain_graph)
+            return
         self._discover(ctx, pass_id, state, state.roots)
         with state.lock:
             state.engine = ctx.build_engine(state)
-            outcome = state.engine.deliver("root", [torch.ones_like(r) for r in roots])
-        self._apply(ctx, pass_id, outcome)
+            outcome = state.engine.deliver("root", ones)
+        self._apply(ctx, pass_id, outcome, direct=False, retain_graph=retain_graph)
 
     def _discover(self, ctx: DistAutogradContext, pass_id: int, state: PassState, edges: list) -> None:
         """Walk from ``edges`` (under the pass lock) and discover the peers' parts; wait for them."""
@@ -149,41 +166,59 @@ class DistAutograd:
     def handle_propagate(self, src: int, msg: m.PropagateGradients, ag: Any = None) -> None:
         try:
             ctx = self.contexts.get(msg.context_id)
-            state = ctx.passes.get(msg.pass_id)
-            if state is None:
-                raise RPCError(f"context {msg.context_id} has no backward pass {msg.pass_id} (not discovered)")
             key = ("send", msg.autograd_message_id)
             ex = ctx.sends.get(msg.autograd_message_id)
             if ex is None or ex.peer != src:
                 raise RPCError(f"context {msg.context_id} has no send with autograd message id "
                                f"{msg.autograd_message_id} to worker {src}")
-            if msg.autograd_message_id not in state.active_sends:
-                raise RPCError(f"send {msg.autograd_message_id} is not part of backward pass {msg.pass_id}")
             if len(msg.grads) != len(ex.tensors):
                 raise RPCError(f"send {msg.autograd_message_id} has {len(ex.tensors)} tensors but "
                                f"{len(msg.grads)} gradients arrived")
             for t, g in zip(ex.tensors, msg.grads):
                 if g is not None and g.shape != t.shape:
                     raise RPCError(f"gradient of shape {list(g.shape)} for a tensor of shape {list(t.shape)}")
-            with state.lock:
-                if state.engine is None:
-                    state.engine = ctx.build_engine(state)
-                outcome = state.engine.deliver(key, [None if g is None else g.to(t.dtype)
-                                                     for t, g in zip(ex.tensors, msg.grads)])
-            self._apply(ctx, msg.pass_id, outcome)
+            grads = [None if g is None else g.to(t.dtype) for t, g in zip(ex.tensors, msg.grads)]
+            if msg.direct:
+                outcome = self._deliver_direct(ctx, msg.pass_id, msg.autograd_message_id, grads, msg.retain_graph)
+                retain_graph = msg.retain_graph
+            else:
+                state = ctx.passes.get(msg.pass_id)
+                if state is None:
+                    raise RPCError(f"context {msg.context_id} has no backward pass {msg.pass_id} (not discovered)")
+                if msg.autograd_message_id not in state.active_sends:
+                    raise RPCError(f"send {msg.autograd_message_id} is not part of backward pass {msg.pass_id}")
+                with state.lock:
+                    if state.engine is None:
+                        state.engine = ctx.build_engine(state)
+                    outcome = state.engine.deliver(key, grads)
+                retain_graph = state.retain_graph
+            self._apply(ctx, msg.pass_id, outcome, msg.direct, retain_graph)
         except BaseException as e:
             self.agent.reply_error(src, msg.msg_id, self._named(e))
             return
         self.agent.reply_ack(src, msg.msg_id)
 
-    def _apply(self, ctx: DistAutogradContext, pass_id: int, outcome: Outcome) -> None:
+    @staticmethod
+    def _deliver_direct(ctx: DistAutogradContext, pass_id: int, ag_id: int, grads: list,
+                        retain_graph: bool) -> Outcome:
+        """A pass without discovery: run this send's part now, from it alone."""
+        with ctx.lock:
+            if (pass_id, ag_id) in ctx.direct_deliveries:
+                raise RPCError(f"send {ag_id} already received its gradients in backward pass {pass_id}")
+            ctx.direct_deliveries.add((pass_id, ag_id))
+        key = ("send", ag_id)
+        return ctx.engine({key: ctx.send_edges(ag_id)}, retain_graph).deliver(key, grads)
+
+    def _apply(self, ctx: DistAutogradContext, pass_id: int, outcome: Outcome, direct: bool,
+               retain_graph: bool) -> None:
         """Accumulate leaf gradients; send finished recvs' gradients on and wait for that work."""
         for t, g in outcome.leaf_grads:
             ctx.accumulate(t, g)
         futs = []
         for ag_id, grads in outcome.recvs_done.items():
             peer = ctx.recvs[ag_id].peer
-            futs.append(self.agent.control(peer, m.PropagateGradients(0, ctx.context_id, pass_id, ag_id, grads)))
+            futs.append(self.agent.control(peer, m.PropagateGradients(
+                0, ctx.context_id, pass_id, ag_id, grads, direct, retain_graph)))
         wait_all(futs)
 
     def _named(self, e: BaseException) -> BaseException:

@@ -395,17 +395,21 @@ class ForwardAutograd(Message):
     ``context_id`` is the sender's current context; ``autograd_message_id`` is not 0
     when the inner message carries tensors that require grad, which the sender
     recorded as a *send* and the receiver records as the matching *recv*.
+    ``converges`` says the sender's part of the context may need discovery: two of
+    its sends (here or upstream) reach the same autograd nodes.
     """
 
     TYPE = MessageType.FORWARD_AUTOGRAD
-    FIELDS = (("msg_id", "u64"), ("context_id", "i64"), ("autograd_message_id", "u64"))
+    FIELDS = (("msg_id", "u64"), ("context_id", "i64"), ("autograd_message_id", "u64"), ("converges", "bool"))
     msg_id: int
     context_id: int
     autograd_message_id: int
     inner: Message
+    converges: bool = False
 
     def encode(self) -> list:
-        return [self._struct.pack(self.TYPE, self.inner.msg_id, self.context_id, self.autograd_message_id),
+        return [self._struct.pack(self.TYPE, self.inner.msg_id, self.context_id, self.autograd_message_id,
+                                  self.converges),
                 *self.inner.encode()]
 
     @property
@@ -417,7 +421,9 @@ class ForwardAutograd(Message):
         st = cls._struct
         if len(frames[0]) != st.size:
             raise ProtocolError(f"FORWARD_AUTOGRAD header has {len(frames[0])} bytes, expected {st.size}")
-        _, msg_id, context_id, ag_id = st.unpack_from(frames[0])
+        _, msg_id, context_id, ag_id, converges = st.unpack_from(frames[0])
+        if converges > 1:
+            raise ProtocolError(f"FORWARD_AUTOGRAD field converges is {converges}, not a boolean (0 or 1)")
         if len(frames) < 2:
             raise ProtocolError("FORWARD_AUTOGRAD carries no message")
         inner = decode(frames[1:])
@@ -425,7 +431,7 @@ class ForwardAutograd(Message):
             raise ProtocolError("FORWARD_AUTOGRAD may not wrap another FORWARD_AUTOGRAD")
         if inner.msg_id != msg_id:
             raise ProtocolError("FORWARD_AUTOGRAD message id differs from the wrapped message's")
-        return cls(msg_id, context_id, ag_id, inner)
+        return cls(msg_id, context_id, ag_id, inner, bool(converges))
 
 
 @dataclass(slots=True)
@@ -450,17 +456,22 @@ class BackwardDiscover(Message):
 class PropagateGradients(Message):
     """The gradients for the tensors of send ``autograd_message_id`` (one per tensor, None if none).
 
+    ``direct``: the pass skipped discovery (no worker's sends converge), so the
+    receiver runs its part from this send alone, keeping the graph if ``retain_graph``.
     Replied to once everything this delivery set off, on every worker, has finished.
     """
 
     TYPE = MessageType.BACKWARD_AUTOGRAD_REQ
-    FIELDS = (("msg_id", "u64"), ("context_id", "i64"), ("pass_id", "u64"), ("autograd_message_id", "u64"))
+    FIELDS = (("msg_id", "u64"), ("context_id", "i64"), ("pass_id", "u64"), ("autograd_message_id", "u64"),
+              ("direct", "bool"), ("retain_graph", "bool"))
     TENSORS = "grads"
     msg_id: int
     context_id: int
     pass_id: int
     autograd_message_id: int
     grads: list
+    direct: bool = False
+    retain_graph: bool = False
 
 
 @dataclass(slots=True)
