@@ -1353,3 +1353,120 @@ def test_rref_backward_local_on_owner_and_distributed_from_any_worker():
     assert_matches_reference("rref_loss", out["user_ctx_retain"], passes=2)
     assert_matches_reference("rref_loss", out["owner_ctx_retain"], passes=2)
     assert out["no_dot_grad"] == [True, True, True]  # distributed gradients go to the context only
+
+
+# ======================================================================================
+# Gradients for the requester travel back in the reply
+# ======================================================================================
+
+
+def count_requests(kind):
+    """From now on, count the requests of message class ``kind`` this worker handles."""
+    agent = rpc.api.current.agent()
+    handler, seen = agent._handlers[kind], []
+    agent._handlers[kind] = lambda src, msg, tag=None: (seen.append(src), handler(src, msg, tag))[1]
+    return seen
+
+
+_SEEN = {}
+
+
+def start_counting_propagates():
+    _SEEN["propagate"] = count_requests(m.PropagateGradients)
+
+
+def propagates_seen():
+    return list(_SEEN["propagate"])
+
+
+def _returned_in_reply(rank, world_size):
+    init(rank, world_size, rpc_timeout=30)
+    out = {}
+    if rank == 0:
+        for r in range(world_size):
+            rpc.rpc_sync(r, start_counting_propagates)
+        with dist_autograd.context() as cid:  # RRef.backward from a non-owner (the W6 benchmark)
+            loss = rpc.remote(1, rref_loss_b, args=(P("xA"),))
+            loss.backward(cid)
+            grads, cnts = collect(cid, world_size)
+            out["rref"] = {"loss": loss.to_here().item(), "grads": grads, "counts": cnts, "times": [0.0], "cid": cid}
+        out["rref_propagates"] = [rpc.rpc_sync(r, propagates_seen) for r in range(world_size)]
+        for r in range(world_size):
+            rpc.rpc_sync(r, start_counting_propagates)
+        out["ring"] = run_topology("ring", world_size)
+        out["ring_propagates"] = [rpc.rpc_sync(r, propagates_seen) for r in range(world_size)]
+    rpc.shutdown()
+    return out
+
+
+def test_gradients_for_the_requester_come_back_in_the_reply():
+    out = run_workers(_returned_in_reply, 3, timeout=60)[0]
+    assert_matches_reference("rref_loss", out["rref"])
+    # worker0 -> RRefBackward -> worker1 -> PropagateGradients -> worker2; worker2's gradients for
+    # worker1 and worker1's for worker0 go back in the replies: one nested request in all
+    assert out["rref_propagates"] == [[], [], [1]], out["rref_propagates"]
+    check_result("ring", out["ring"])
+    # ring: A -> B -> C -> A forward; backward A -> B -> C -> A, each hop a request to the
+    # worker that sent the tensor. No hop goes back to its requester, so none is folded.
+    assert out["ring_propagates"] == [[2], [0], [1]], out["ring_propagates"]
+
+
+def corrupt_returns(how):
+    """Make this worker's gradient replies wrong in one way (the next one only)."""
+    service = rpc.api.current.agent().autograd
+    reply_done = service._reply_done
+
+    def bad(src, msg_id, ctx, pass_id, direct, retain_graph, back):
+        service._reply_done = reply_done
+        if how == "extra_gradient":
+            back = [(back[0][0], back[0][1] + [torch.ones(3, dtype=torch.float64)])]
+        elif how == "wrong_shape":
+            back = [(back[0][0], [torch.ones(5, dtype=torch.float64)])]
+        elif how == "not_my_send":
+            back = [((7 << 48) | 12345, back[0][1])]
+        elif how == "other_context":
+            ctx = type("Ctx", (), {"context_id": UNKNOWN_CTX})()
+        reply_done(src, msg_id, ctx, pass_id, direct, retain_graph, back)
+
+    service._reply_done = bad
+
+
+RETURN_CORRUPTIONS = {
+    "extra_gradient": "returned 2 gradients for sends of 1 tensors",
+    "wrong_shape": "gradient of shape [5] for a tensor of shape [3]",
+    "not_my_send": f"no send with autograd message id {(7 << 48) | 12345} to worker 1",
+    "other_context": f"returned gradients of context {UNKNOWN_CTX}",
+}
+
+
+def _bad_returns(rank, world_size):
+    init(rank, world_size, rpc_timeout=30)
+    out = {}
+    if rank == 0:
+        for how in RETURN_CORRUPTIONS:
+            rpc.rpc_sync(1, corrupt_returns, args=(how,))
+            with dist_autograd.context() as cid:
+                loss = t_simple()  # xA goes to worker1, whose reply returns its gradient
+                try:
+                    dist_autograd.backward(cid, [loss])
+                    out[how] = None
+                except Exception as e:  # noqa: BLE001
+                    out[how] = f"{type(e).__name__}: {e}"
+                out[how + "_grads"] = grads_by_name(cid)
+        with dist_autograd.context() as cid:  # and then all is well again
+            loss = t_simple()
+            dist_autograd.backward(cid, [loss])
+            grads, cnts = collect(cid, world_size)
+            out["simple"] = {"loss": loss.item(), "grads": grads, "counts": cnts, "times": [0.0], "cid": cid}
+    rpc.shutdown()
+    return out
+
+
+def test_bad_gradients_in_a_reply_fail_the_backward_clearly():
+    out = run_workers(_bad_returns, 2, timeout=60)[0]
+    for how, needle in RETURN_CORRUPTIONS.items():
+        assert out[how] is not None and needle in out[how], (how, out[how])
+        assert out[how].startswith(("DistBackwardError", "RPCError")), out[how]
+        # worker0's own part ran (wA), but nothing from the bad reply did (xA)
+        assert sorted(out[how + "_grads"]) == ["wA"], (how, out[how + "_grads"])
+    assert_matches_reference("simple", out["simple"])

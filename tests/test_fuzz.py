@@ -447,7 +447,12 @@ class CaseGen:
                                                            self.rng.random() < 0.5,
                                                            [self.ag_id() for _ in range(self.rng.randrange(4))]),
             m.PropagateGradients: lambda: m.PropagateGradients(self.mid(), self.context_id(), self.pass_id(),
-                                                               self.ag_id(), self.tensors()),
+                                                               self.ag_id(), self.tensors(),
+                                                               self.rng.random() < 0.5, self.rng.random() < 0.5),
+            m.BackwardReturn: lambda: m.BackwardReturn(self.reply_id(), self.context_id(), self.pass_id(),
+                                                       self.rng.random() < 0.5, self.rng.random() < 0.5,
+                                                       [self.ag_id() for _ in range(self.rng.randrange(3))],
+                                                       self.tensors()),
             # never one of worker2's contexts: a cleanup would (rightly) release it
             m.CleanupAutogradContext: lambda: m.CleanupAutogradContext(
                 self.mid(), self.pick([self.i64(), *self.known.get("own_contexts", [])])),

@@ -108,6 +108,8 @@ def examples():
         m.PropagateGradients(16, -1, 0, 0, []),
         m.PropagateGradients(17, 1, U64, U64, [None, None], True, True),
         m.PropagateGradients(19, 1, 2, 3, [torch.ones(2)], True, False),
+        m.BackwardReturn(20, (1 << 48) | 2, 9, True, False, [(2 << 48) | 5, 7], gradient_list()),
+        m.BackwardReturn(21, -1, U64, False, True, [], []),
         m.CleanupAutogradContext(18, I64_MAX),
         m.CleanupAutogradContext(19, -1),
         m.RRefBackward(20, Gid(1, 2), (1 << 48) | 5, True),
@@ -225,6 +227,8 @@ _plain_message = st.one_of(
     st.builds(m.Heartbeat, u64),
     st.builds(m.BackwardDiscover, u64, i64, u64, st.booleans(), st.lists(u64, max_size=5)),
     st.builds(m.PropagateGradients, u64, i64, u64, u64, st.lists(small_tensors, max_size=4), st.booleans(), st.booleans()),
+    st.builds(m.BackwardReturn, u64, i64, u64, st.booleans(), st.booleans(), st.lists(u64, max_size=4),
+              st.lists(small_tensors, max_size=4)),
     st.builds(m.CleanupAutogradContext, u64, i64),
     st.builds(m.RRefBackward, u64, gids, i64, st.booleans()),
 )
@@ -389,7 +393,7 @@ def test_is_reply_flags():
     replies = {t for t, cls in m._REGISTRY.items() if cls is not m.ForwardAutograd and cls.IS_REPLY}
     assert replies == {
         m.MessageType.PYTHON_RET, m.MessageType.EXCEPTION, m.MessageType.REMOTE_RET,
-        m.MessageType.PYTHON_RREF_FETCH_RET, m.MessageType.RREF_ACK,
+        m.MessageType.PYTHON_RREF_FETCH_RET, m.MessageType.RREF_ACK, m.MessageType.BACKWARD_AUTOGRAD_RET,
     }
     for e in examples():
         if isinstance(e, m.ForwardAutograd):

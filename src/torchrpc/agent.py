@@ -1040,14 +1040,15 @@ class Agent:
     # --- helpers for the protocol services ---------------------------------------------
 
     def control(self, dest: int, msg: m.Message) -> torch.futures.Future:
-        """Send a control request; a Future that completes (None) on its ack or fails with the error."""
+        """Send a control request; a Future that completes on its ack (None) or its
+        BackwardReturn (the message), or fails with the error."""
         fut: torch.futures.Future = torch.futures.Future()
 
         def on_reply(reply: Optional[m.Message], error: Optional[BaseException]) -> None:
-            if error is None and not isinstance(reply, m.RRefAck):
+            if error is None and not isinstance(reply, (m.RRefAck, m.BackwardReturn)):
                 error = self._reply_error(reply, dest)
             if error is None:
-                fut.set_result(None)
+                fut.set_result(reply if isinstance(reply, m.BackwardReturn) else None)
             else:
                 fut.set_exception(error)
 
@@ -1064,6 +1065,9 @@ class Agent:
 
     def reply_ack(self, dest: int, msg_id: int) -> None:
         self._reply(dest, m.RRefAck(msg_id))
+
+    def reply(self, dest: int, msg: m.Message) -> None:
+        self._reply(dest, msg)
 
     def reply_error(self, dest: int, msg_id: int, error: BaseException) -> None:
         self._reply_exception(dest, msg_id, error)

@@ -11,7 +11,6 @@ from .agent import is_async_function
 from .errors import RPCError
 from .functions import async_execution
 from .options import UNSET_RPC_TIMEOUT
-from .protocol.messages import RRefBackward
 from .protocol.rref_context import ForkData, OwnerRRef, UserRRef
 from .worker_info import WorkerInfo
 
@@ -102,7 +101,7 @@ class RRef(Generic[T]):
                            f"which only the owner ({self.owner_name()!r}) can do")
         if self._created is not None:
             self._created.wait()  # the owner must have the value before it can start from it
-        agent.control(h.owner_id, RRefBackward(0, h.rref_id, dist_autograd_ctx_id, bool(retain_graph))).wait()
+        agent.autograd.remote_rref_backward(h.owner_id, h.rref_id, dist_autograd_ctx_id, bool(retain_graph))
 
     def _get_future(self) -> torch.futures.Future:
         """A Future that completes when the owner has created the value (remote() only)."""

@@ -25,7 +25,7 @@ send id gets an error reply naming it, and the worker carries on.
 from __future__ import annotations
 
 import itertools
-from typing import TYPE_CHECKING, Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Iterable, NamedTuple, Optional
 
 import torch
 
@@ -37,6 +37,18 @@ from .engine import Outcome, edge_of, walk
 
 if TYPE_CHECKING:
     from ..agent import Agent
+
+
+Returned = tuple[int, list]  # gradients going back to the requester: (its send's id, per-tensor grads)
+
+
+class PassResult(NamedTuple):
+    """A finished backward pass started here: its id, whether it skipped discovery, and the
+    gradients for the requester's sends that go back in the reply."""
+
+    pass_id: int
+    direct: bool
+    returned: list
 
 
 class DistBackwardError(RPCError):
@@ -93,8 +105,13 @@ class DistAutograd:
 
     # --- backward ------------------------------------------------------------------
 
-    def backward(self, context_id: int, roots: Iterable[torch.Tensor], retain_graph: bool = False) -> None:
-        """Run a distributed backward pass from ``roots`` (scalars) in ``context_id``; block until done."""
+    def backward(self, context_id: int, roots: Iterable[torch.Tensor], retain_graph: bool = False,
+                 requester: Optional[int] = None) -> PassResult:
+        """Run a distributed backward pass from ``roots`` (scalars) in ``context_id``; block until done.
+
+        Started for another worker's request (``requester``), gradients for that worker's
+        sends are not sent but returned, to go back in the reply (see :meth:`_apply`).
+        """
         roots = list(roots)
         if not roots:
             raise ValueError("backward needs at least one root tensor")
@@ -112,15 +129,15 @@ class DistAutograd:
         state = PassState(retain_graph=retain_graph, roots=edges)  # kept for views (graph) in both modes
         with ctx.lock:
             ctx.passes[pass_id] = state
-        if ctx.may_skip_discovery(edges):
+        direct = ctx.may_skip_discovery(edges)
+        if direct:
             outcome = ctx.engine({"root": edges}, retain_graph).deliver("root", ones)
-            self._apply(ctx, pass_id, outcome, direct=True, retain_graph=retain_graph)
-            return
-        self._discover(ctx, pass_id, state, state.roots)
-        with state.lock:
-            state.engine = ctx.build_engine(state)
-            outcome = state.engine.deliver("root", ones)
-        self._apply(ctx, pass_id, outcome, direct=False, retain_graph=retain_graph)
+        else:
+            self._discover(ctx, pass_id, state, state.roots)
+            with state.lock:
+                state.engine = ctx.build_engine(state)
+                outcome = state.engine.deliver("root", ones)
+        return PassResult(pass_id, direct, self._apply(ctx, pass_id, outcome, direct, retain_graph, requester))
 
     def _discover(self, ctx: DistAutogradContext, pass_id: int, state: PassState, edges: list) -> None:
         """Walk from ``edges`` (under the pass lock) and discover the peers' parts; wait for them."""
@@ -166,60 +183,110 @@ class DistAutograd:
     def handle_propagate(self, src: int, msg: m.PropagateGradients, ag: Any = None) -> None:
         try:
             ctx = self.contexts.get(msg.context_id)
-            key = ("send", msg.autograd_message_id)
-            ex = ctx.sends.get(msg.autograd_message_id)
-            if ex is None or ex.peer != src:
-                raise RPCError(f"context {msg.context_id} has no send with autograd message id "
-                               f"{msg.autograd_message_id} to worker {src}")
-            if len(msg.grads) != len(ex.tensors):
-                raise RPCError(f"send {msg.autograd_message_id} has {len(ex.tensors)} tensors but "
-                               f"{len(msg.grads)} gradients arrived")
-            for t, g in zip(ex.tensors, msg.grads):
-                if g is not None and g.shape != t.shape:
-                    raise RPCError(f"gradient of shape {list(g.shape)} for a tensor of shape {list(t.shape)}")
-            grads = [None if g is None else g.to(t.dtype) for t, g in zip(ex.tensors, msg.grads)]
-            if msg.direct:
-                outcome = self._deliver_direct(ctx, msg.pass_id, msg.autograd_message_id, grads, msg.retain_graph)
-                retain_graph = msg.retain_graph
-            else:
-                state = ctx.passes.get(msg.pass_id)
-                if state is None:
-                    raise RPCError(f"context {msg.context_id} has no backward pass {msg.pass_id} (not discovered)")
-                if msg.autograd_message_id not in state.active_sends:
-                    raise RPCError(f"send {msg.autograd_message_id} is not part of backward pass {msg.pass_id}")
-                with state.lock:
-                    if state.engine is None:
-                        state.engine = ctx.build_engine(state)
-                    outcome = state.engine.deliver(key, grads)
-                retain_graph = state.retain_graph
-            self._apply(ctx, msg.pass_id, outcome, msg.direct, retain_graph)
+            outcome, retain_graph = self._deliver(ctx, msg.pass_id, msg.direct, msg.retain_graph, src,
+                                                  msg.autograd_message_id, msg.grads)
+            back = self._apply(ctx, msg.pass_id, outcome, msg.direct, retain_graph, requester=src)
         except BaseException as e:
             self.agent.reply_error(src, msg.msg_id, self._named(e))
             return
-        self.agent.reply_ack(src, msg.msg_id)
+        self._reply_done(src, msg.msg_id, ctx, msg.pass_id, msg.direct, retain_graph, back)
+
+    def _deliver(self, ctx: DistAutogradContext, pass_id: int, direct: bool, retain_graph: bool, src: int,
+                 ag_id: int, grads: list) -> tuple[Outcome, bool]:
+        """Gradients from ``src`` for send ``ag_id``: check them, run what they make ready here.
+
+        Returns the outcome and the pass's retain_graph."""
+        return self._run_delivery(ctx, pass_id, direct, retain_graph, ag_id, self._checked(ctx, src, ag_id, grads))
 
     @staticmethod
-    def _deliver_direct(ctx: DistAutogradContext, pass_id: int, ag_id: int, grads: list,
-                        retain_graph: bool) -> Outcome:
-        """A pass without discovery: run this send's part now, from it alone."""
-        with ctx.lock:
-            if (pass_id, ag_id) in ctx.direct_deliveries:
-                raise RPCError(f"send {ag_id} already received its gradients in backward pass {pass_id}")
-            ctx.direct_deliveries.add((pass_id, ag_id))
+    def _checked(ctx: DistAutogradContext, src: int, ag_id: int, grads: list) -> list:
+        """``grads`` for send ``ag_id`` as that send's dtypes, if they fit it (else RPCError)."""
+        ex = ctx.sends.get(ag_id)
+        if ex is None or ex.peer != src:
+            raise RPCError(f"context {ctx.context_id} has no send with autograd message id {ag_id} to worker {src}")
+        if len(grads) != len(ex.tensors):
+            raise RPCError(f"send {ag_id} has {len(ex.tensors)} tensors but {len(grads)} gradients arrived")
+        for t, g in zip(ex.tensors, grads):
+            if g is not None and g.shape != t.shape:
+                raise RPCError(f"gradient of shape {list(g.shape)} for a tensor of shape {list(t.shape)}")
+        return [None if g is None else g.to(t.dtype) for t, g in zip(ex.tensors, grads)]
+
+    @staticmethod
+    def _run_delivery(ctx: DistAutogradContext, pass_id: int, direct: bool, retain_graph: bool, ag_id: int,
+                      grads: list) -> tuple[Outcome, bool]:
         key = ("send", ag_id)
-        return ctx.engine({key: ctx.send_edges(ag_id)}, retain_graph).deliver(key, grads)
+        if direct:  # a pass without discovery: this send's part runs now, from it alone
+            with ctx.lock:
+                if (pass_id, ag_id) in ctx.direct_deliveries:
+                    raise RPCError(f"send {ag_id} already received its gradients in backward pass {pass_id}")
+                ctx.direct_deliveries.add((pass_id, ag_id))
+            return ctx.engine({key: ctx.send_edges(ag_id)}, retain_graph).deliver(key, grads), retain_graph
+        state = ctx.passes.get(pass_id)
+        if state is None:
+            raise RPCError(f"context {ctx.context_id} has no backward pass {pass_id} (not discovered)")
+        if ag_id not in state.active_sends:
+            raise RPCError(f"send {ag_id} is not part of backward pass {pass_id}")
+        with state.lock:
+            if state.engine is None:
+                state.engine = ctx.build_engine(state)
+            return state.engine.deliver(key, grads), state.retain_graph
 
     def _apply(self, ctx: DistAutogradContext, pass_id: int, outcome: Outcome, direct: bool,
-               retain_graph: bool) -> None:
-        """Accumulate leaf gradients; send finished recvs' gradients on and wait for that work."""
+               retain_graph: bool, requester: Optional[int] = None) -> list[Returned]:
+        """Accumulate leaf gradients; send finished recvs' gradients on and wait for that work.
+
+        Gradients bound for ``requester`` (the worker whose request this work serves) are
+        returned instead, to travel back in its reply: a nested request to a worker that
+        is waiting for us anyway would cost a round trip. Likewise the replies to our
+        own requests may bring gradients for our sends: they run here, in turn.
+        """
         for t, g in outcome.leaf_grads:
             ctx.accumulate(t, g)
-        futs = []
+        back: list[Returned] = []
+        calls = []
         for ag_id, grads in outcome.recvs_done.items():
             peer = ctx.recvs[ag_id].peer
-            futs.append(self.agent.control(peer, m.PropagateGradients(
-                0, ctx.context_id, pass_id, ag_id, grads, direct, retain_graph)))
-        wait_all(futs)
+            if peer == requester:
+                back.append((ag_id, grads))
+            else:
+                calls.append((peer, self.agent.control(peer, m.PropagateGradients(
+                    0, ctx.context_id, pass_id, ag_id, grads, direct, retain_graph))))
+        replies = wait_all([fut for _, fut in calls])
+        for (peer, _), reply in zip(calls, replies):
+            if reply is not None:
+                back += self._take_returned(ctx, peer, reply, requester, pass_id)
+        return back
+
+    def _take_returned(self, ctx: DistAutogradContext, peer: int, reply: m.BackwardReturn,
+                       requester: Optional[int], pass_id: Optional[int] = None) -> list[Returned]:
+        """Run this worker's part from the gradients a reply from ``peer`` brought back."""
+        if reply.context_id != ctx.context_id or (pass_id is not None and reply.pass_id != pass_id):
+            raise RPCError(f"worker {peer} returned gradients of context {reply.context_id} pass {reply.pass_id} "
+                           f"to a request of context {ctx.context_id} pass {pass_id}")
+        parts, i = [], 0  # all checked before any runs: a bad reply changes nothing
+        for ag_id in reply.autograd_message_ids:
+            ex = ctx.sends.get(ag_id)
+            n = len(ex.tensors) if ex is not None else 0
+            parts.append((ag_id, self._checked(ctx, peer, ag_id, reply.grads[i:i + n])))
+            i += n
+        if i != len(reply.grads):
+            raise RPCError(f"worker {peer} returned {len(reply.grads)} gradients for sends of {i} tensors")
+        back: list[Returned] = []
+        for ag_id, grads in parts:
+            outcome, retain_graph = self._run_delivery(ctx, reply.pass_id, reply.direct, reply.retain_graph,
+                                                       ag_id, grads)
+            back += self._apply(ctx, reply.pass_id, outcome, reply.direct, retain_graph, requester)
+        return back
+
+    def _reply_done(self, src: int, msg_id: int, ctx: DistAutogradContext, pass_id: int, direct: bool,
+                    retain_graph: bool, back: list[Returned]) -> None:
+        """Answer a finished request: an ack, or the gradients that go back to ``src``."""
+        if not back:
+            self.agent.reply_ack(src, msg_id)
+            return
+        grads = [g for _, gs in back for g in gs]
+        self.agent.reply(src, m.BackwardReturn(msg_id, ctx.context_id, pass_id, direct, retain_graph,
+                                               [ag_id for ag_id, _ in back], grads))
 
     def _named(self, e: BaseException) -> BaseException:
         if isinstance(e, (DistBackwardError, UnknownContextError)):
@@ -229,8 +296,9 @@ class DistAutograd:
         err.__cause__ = e
         return err
 
-    def rref_backward(self, rref_id: m.GloballyUniqueId, value: Any, context_id: int, retain_graph: bool) -> None:
-        """On the owner: backward from an RRef's value, locally (-1) or in a context."""
+    def rref_backward(self, rref_id: m.GloballyUniqueId, value: Any, context_id: int, retain_graph: bool,
+                      requester: Optional[int] = None) -> PassResult:
+        """On the owner: backward from an RRef's value, locally (-1) or in a context (see :meth:`backward`)."""
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
             what = f"a tensor of shape {list(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
             raise RuntimeError(f"RRef.backward needs the RRef's value to be a scalar tensor; RRef {rref_id} holds {what}")
@@ -238,8 +306,19 @@ class DistAutograd:
             raise RuntimeError(f"the value of RRef {rref_id} does not require grad")
         if context_id == -1:
             value.backward(retain_graph=retain_graph)
-        else:
-            self.backward(context_id, [value], retain_graph)
+            return PassResult(0, True, [])
+        return self.backward(context_id, [value], retain_graph, requester)
+
+    def remote_rref_backward(self, owner: int, rref_id: m.GloballyUniqueId, context_id: int,
+                             retain_graph: bool) -> None:
+        """From a user of an RRef: ask its owner to run backward from its value, and run this
+        worker's part from the gradients that come back in the reply."""
+        reply = self.agent.control(owner, m.RRefBackward(0, rref_id, context_id, retain_graph)).wait()
+        if reply is not None:
+            try:
+                self._take_returned(self.contexts.get(context_id), owner, reply, requester=None)
+            except BaseException as e:
+                raise self._named(e) from None
 
     def handle_rref_backward(self, src: int, msg: m.RRefBackward, ag: Any = None) -> None:
         try:
@@ -249,14 +328,14 @@ class DistAutograd:
             owner = self.agent.ctx.owners.get(msg.rref_id)
             if owner is None:
                 raise RPCError(f"worker {self.agent.name!r} owns no RRef with id {msg.rref_id}")
-            self.contexts.get(msg.context_id)
+            ctx = self.contexts.get(msg.context_id)
             if not owner.done():  # the caller waits for creation first, so this id is not a real RRef
                 raise RPCError(f"RRef {msg.rref_id} on worker {self.agent.name!r} has no value (it was never created)")
-            self.rref_backward(msg.rref_id, owner.value(), msg.context_id, msg.retain_graph)
+            done = self.rref_backward(msg.rref_id, owner.value(), msg.context_id, msg.retain_graph, requester=src)
         except BaseException as e:
             self.agent.reply_error(src, msg.msg_id, self._named(e))
             return
-        self.agent.reply_ack(src, msg.msg_id)
+        self._reply_done(src, msg.msg_id, ctx, done.pass_id, done.direct, msg.retain_graph, done.returned)
 
     # --- views -------------------------------------------------------------------
 

@@ -45,6 +45,7 @@ class MessageType(enum.IntEnum):
     BACKWARD_AUTOGRAD_REQ = 22
     CLEANUP_AUTOGRAD_CONTEXT_REQ = 23
     RREF_BACKWARD_REQ = 24
+    BACKWARD_AUTOGRAD_RET = 25
 
 
 class GloballyUniqueId(NamedTuple):
@@ -97,6 +98,8 @@ class Message:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "TYPE" in cls.__dict__:
+            if cls.TENSORS and (cls.HAS_PAYLOAD or cls.TEXTS):
+                raise TypeError(f"{cls.__name__}: a message with tensors has no payload or texts")
             fmt = "<B" + "".join(_CODES[kind] for _, kind in cls.FIELDS)
             cls._struct = struct.Struct(fmt)
             # @dataclass(slots=True) makes a second class; the last one made is the real one.
@@ -148,14 +151,16 @@ class Message:
                 kwargs[name] = raw[i]
                 i += 1
         rest = list(frames[1:])
+        if cls.IDS:
+            # the id list comes right before the tensors, or last
+            at = 0 if cls.TENSORS else -1
+            if not rest or len(rest[at]) % 8:
+                raise ProtocolError(f"{cls.TYPE.name} has no well-formed id list")
+            raw_ids = bytes(rest.pop(at))
+            kwargs[cls.IDS] = list(struct.unpack(f"<{len(raw_ids) // 8}Q", raw_ids))
         if cls.TENSORS:
             kwargs[cls.TENSORS] = decode_tensors(rest)
             rest = []
-        if cls.IDS:
-            if not rest or len(rest[-1]) % 8:
-                raise ProtocolError(f"{cls.TYPE.name} has no well-formed id list")
-            raw_ids = bytes(rest.pop())
-            kwargs[cls.IDS] = list(struct.unpack(f"<{len(raw_ids) // 8}Q", raw_ids))
         n_texts = len(cls.TEXTS)
         if cls.HAS_PAYLOAD:
             if len(rest) < 1 + n_texts:
@@ -189,7 +194,7 @@ def decode(frames: Sequence[Buffer]) -> Message:
 
 
 _REPLY_TYPES = frozenset({MessageType.PYTHON_RET, MessageType.REMOTE_RET, MessageType.PYTHON_RREF_FETCH_RET,
-                          MessageType.RREF_ACK, MessageType.EXCEPTION})
+                          MessageType.RREF_ACK, MessageType.EXCEPTION, MessageType.BACKWARD_AUTOGRAD_RET})
 
 
 def is_reply_frame(frames: Sequence[Buffer]) -> bool:
@@ -472,6 +477,32 @@ class PropagateGradients(Message):
     grads: list
     direct: bool = False
     retain_graph: bool = False
+
+
+@dataclass(slots=True)
+class BackwardReturn(Message):
+    """Reply to BACKWARD_AUTOGRAD_REQ or RREF_BACKWARD_REQ: everything the request set off has
+    finished, except the gradients for the requester's own sends, which come back here.
+
+    ``grads`` holds the gradients of the sends ``autograd_message_ids``, one per tensor of
+    each send, in order. The requester runs its part from them (as if each had come in a
+    BACKWARD_AUTOGRAD_REQ of pass ``pass_id``), which saves a nested round trip whenever
+    gradients go straight back to the worker that sent them.
+    """
+
+    TYPE = MessageType.BACKWARD_AUTOGRAD_RET
+    IS_REPLY = True
+    FIELDS = (("msg_id", "u64"), ("context_id", "i64"), ("pass_id", "u64"), ("direct", "bool"),
+              ("retain_graph", "bool"))
+    IDS = "autograd_message_ids"
+    TENSORS = "grads"
+    msg_id: int
+    context_id: int
+    pass_id: int
+    direct: bool
+    retain_graph: bool
+    autograd_message_ids: list
+    grads: list
 
 
 @dataclass(slots=True)
