@@ -97,8 +97,9 @@ def test_worker_survives_its_caller_dying():
     assert results == [KILLED, "worker2", "worker1"]
 
 
-def _frozen_peer(rank, world_size, ready):
+def _frozen_peer(rank, world_size, ready, started):
     init(rank, world_size, rpc_timeout=60)
+    started.release()  # every worker is connected: freezing worker1 cannot break a start-up
     out = {}
     if rank == 0:
         fut = rpc.rpc_async("worker1", sleep_then, args=(30, "never"))
@@ -124,9 +125,11 @@ def _frozen_peer(rank, world_size, ready):
 def test_frozen_worker_is_detected_by_heartbeats_within_5s():
     import signal
 
-    ready = get_context().Event()
-    with start_workers(_frozen_peer, 3, args=(ready,)) as group:
+    ready, started = get_context().Event(), get_context().Semaphore(0)
+    with start_workers(_frozen_peer, 3, args=(ready, started)) as group:
         assert ready.wait(30)
+        for _ in range(3):
+            assert started.acquire(timeout=30)
         os.kill(group.procs[1].pid, signal.SIGSTOP)
         try:
             time.sleep(7)

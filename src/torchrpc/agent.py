@@ -4,11 +4,13 @@ Threads, and what each may do:
 
 * the pool (``num_worker_threads`` threads, growing when all are busy): runs user
   functions and every handler. Each connection has one *reading* thread at a time,
-  taken from the pool: it decodes frames and completes the futures of replies, and
-  when a request arrives it hands the reading on to another pool thread before it
-  serves the request itself (leader/follower). A reader never sends while it holds
-  the reading role (a reader blocked in a send could stop both peers reading: a
-  deadlock when two large messages cross).
+  taken from the pool: it decodes frames, completes the futures of replies and
+  serves small requests itself, inline (no thread hand-off per message). It hands
+  the reading on to another pool thread (leader/follower) before anything that
+  may wait: a request of a kind that may block, a request it sends, a send the
+  socket cannot take at once (a reader blocked in a send could stop both peers
+  reading: a deadlock when two large messages cross); and a monitor hands it on
+  for it when a request runs longer than ``HANDOFF_AFTER`` (user code that blocks).
 * a heartbeat thread: keeps quiet connections alive and declares silent peers gone.
 * a watchdog: fails calls that ran past their timeout.
 * an acceptor: takes the connections of higher-ranked workers during start-up.
@@ -47,6 +49,7 @@ from .autograd.context import current_context_id, use_context
 from .autograd.service import DistAutograd
 from .protocol.rref_context import ForkData, OwnerRRef, RRefContext, UserRRef
 from .transport import Connection, ConnectionClosed, connect, listen
+from .transport.base import set_block_hook
 from .transport.tls import TLSConfig
 from .worker_info import WorkerInfo
 
@@ -116,6 +119,12 @@ HEARTBEAT_INTERVAL = float(os.environ.get("TORCHRPC_HEARTBEAT_INTERVAL", "0.8"))
 HEARTBEAT_MISSES = 3.5
 
 
+#: A reader running a request inline for longer than this (seconds) passes the reading on
+#: (the monitor polls this often while readers are active, and parks after a quiet spell).
+HANDOFF_AFTER = 0.004
+MONITOR_PARK_AFTER = 0.25
+
+
 class UnknownWorkerError(RPCError, ValueError):
     """No worker has that name or id."""
 
@@ -129,6 +138,19 @@ class _Pending:
         self.deadline = deadline
         self.timeout = timeout
         self.callback = callback
+
+
+class _ReadRole:
+    """The reading of one connection, held by the pool thread in its read loop. While the
+    holder handles a frame the role is in ``Agent._busy``; whoever pops it from there
+    (the holder, done; or a hand-off) decides who reads next."""
+
+    __slots__ = ("peer", "conn", "since")
+
+    def __init__(self, peer: int, conn: Connection) -> None:
+        self.peer = peer
+        self.conn = conn
+        self.since = 0.0
 
 
 class _Idle:
@@ -226,6 +248,11 @@ class _Pool:
 
 
 _STOP = object()
+
+#: Requests a reader serves inline (until they wait: see Agent._read); the others, which
+#: may wait on other messages (the autograd passes), go to a pool thread at once.
+_INLINE = frozenset({m.PythonCall, m.RemoteCall, m.RRefFetchCall, m.RRefUserDelete, m.RRefForkRequest,
+                     m.RRefChildAccept})
 
 
 class _SendSession(serialization.Session):
@@ -330,6 +357,9 @@ class Agent:
         }
         self._pool = _Pool(options.num_worker_threads, f"torchrpc-{name}")
         self._listener = None
+        self._busy: dict[_ReadRole, _ReadRole] = {}  # readers handling a frame (see _read)
+        self._monitor_wake = threading.Event()
+        self._monitor_parked = False
 
     # --- start-up ------------------------------------------------------------------
 
@@ -345,6 +375,7 @@ class Agent:
             self._listener = listen(f"{scheme}://{rdzv.listen_host(self._rv.master_host)}:0", self._secret,
                                     **({"tls": self._tls} if self._tls else {}))
             self._spawn(self._watchdog, "watchdog")
+            self._spawn(self._reader_monitor, "monitor")
             self._spawn(self._heartbeat_loop, "heartbeat")
             self._spawn(self._accept_loop, "acceptor")
             rdzv.publish(self._rv.store, self.rank, {"name": self.name, "address": self._listener.address})
@@ -477,6 +508,7 @@ class Agent:
     def _request(self, dest: int, msg: m.Message, timeout: float, desc: str, callback: ReplyCallback,
                  autograd: Optional[AutogradTag] = None) -> int:
         """Send a request; ``callback(reply, error)`` runs exactly once (reply, timeout or failure)."""
+        self._hand_off_reading()  # a reader that sends a request likely waits for the reply
         msg_id = msg.msg_id = next(self._ids)
         deadline = time.monotonic() + timeout if timeout > 0 else 0.0
         self._pending[msg_id] = _Pending(dest, desc, deadline, timeout, callback)
@@ -728,27 +760,86 @@ class Agent:
     # --- receiving --------------------------------------------------------------------
 
     def _read_loop(self, peer: int, conn: Connection) -> None:
-        """Read ``conn`` until a request arrives; then hand the reading on and serve it here.
-
-        Leader/follower: the thread that read a request queues the reading of the
-        connection for another pool thread *before* it runs the request, so reading
-        never waits for user code, and the request runs without a thread hand-off.
-        """
+        """Hold the reading of ``conn`` until it is handed on (see :meth:`_read`)."""
+        role = _ReadRole(peer, conn)
+        _tls.role = role
+        set_block_hook(self._hand_off_reading)
         try:
-            while True:
-                job = self._dispatch(peer, conn.recv())
-                if job is not None:
-                    break
-        except ConnectionClosed as e:
-            self._on_connection_lost(peer, conn, str(e))
-            return
-        except BaseException as e:  # pragma: no cover - a bug; report it as a lost peer
-            log.exception("torchrpc %s: reader for worker %d failed", self.name, peer)
-            self._on_connection_lost(peer, conn, f"reader failed: {e!r}")
-            return
-        self._pool.submit(self._read_loop, peer, conn)
-        handler, args = job
-        handler(*args)
+            self._read(role)
+        finally:
+            _tls.role = None
+            set_block_hook(None)
+
+    def _read(self, role: _ReadRole) -> None:
+        """Read frames; complete replies and serve small requests here, inline.
+
+        Leader/follower: before a request that may block, the reading is queued for
+        another pool thread, so reading never waits for user code; this thread then
+        serves the request and goes back to the pool.
+        """
+        peer, conn, busy = role.peer, role.conn, self._busy
+        while True:
+            try:
+                frame = conn.recv()
+            except ConnectionClosed as e:
+                self._on_connection_lost(peer, conn, str(e))
+                return
+            except BaseException as e:  # pragma: no cover - a bug; report it as a lost peer
+                log.exception("torchrpc %s: reader for worker %d failed", self.name, peer)
+                self._on_connection_lost(peer, conn, f"reader failed: {e!r}")
+                return
+            role.since = time.monotonic()
+            busy[role] = role
+            if self._monitor_parked:
+                self._monitor_parked = False
+                self._monitor_wake.set()
+            try:
+                job = self._dispatch(peer, frame)
+            except BaseException as e:  # pragma: no cover - a bug; report it as a lost peer
+                log.exception("torchrpc %s: reader for worker %d failed", self.name, peer)
+                busy.pop(role, None)
+                self._on_connection_lost(peer, conn, f"reader failed: {e!r}")
+                return
+            del frame
+            if job is not None:
+                handler, args = job
+                if type(args[1]) not in _INLINE:
+                    self._hand_off_reading()
+                try:
+                    handler(*args)
+                except BaseException:  # a handler bug must not stop the reading
+                    log.exception("torchrpc: unhandled error in %s", getattr(handler, "__qualname__", handler))
+                del job, handler, args
+            if busy.pop(role, None) is None:
+                return  # handed on: another thread reads now
+
+    def _hand_off_reading(self) -> None:
+        """If this thread is a reader handling a frame, pass the reading to another pool thread."""
+        role = getattr(_tls, "role", None)
+        if role is not None and self._busy.pop(role, None) is not None:
+            self._pool.submit(self._read_loop, role.peer, role.conn)
+
+    def _reader_monitor(self) -> None:
+        """Hand the reading on for readers stuck in a frame (user code that blocks, a lock):
+        the connection's other messages must not wait for them. Polls while readers are
+        active; parks after ``MONITOR_PARK_AFTER`` s without one (waking it costs a switch)."""
+        busy = self._busy
+        quiet_since = time.monotonic()
+        while not self._stop.is_set():
+            time.sleep(HANDOFF_AFTER)
+            now = time.monotonic()
+            if busy:
+                quiet_since = now
+                for role in list(busy):
+                    if now - role.since >= HANDOFF_AFTER and busy.pop(role, None) is not None:
+                        self._pool.submit(self._read_loop, role.peer, role.conn)
+            elif now - quiet_since >= MONITOR_PARK_AFTER:
+                self._monitor_wake.clear()
+                self._monitor_parked = True
+                if not busy:  # a reader that became busy before we parked has seen the flag
+                    self._monitor_wake.wait()
+                self._monitor_parked = False
+                quiet_since = time.monotonic()
 
     def _dispatch(self, src: int, frame: list) -> Optional[tuple[Callable, tuple]]:
         """Decode a frame; complete a reply's future here, or return the request's handler to run."""
@@ -1143,6 +1234,7 @@ class Agent:
         for conn in conns:
             conn.close()
         self._stop.set()
+        self._monitor_wake.set()
         me = threading.current_thread()
         for t in self._threads:
             if t is not me:

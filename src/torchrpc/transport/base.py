@@ -7,11 +7,26 @@ agent never sees sockets, and nothing here knows what a frame means.
 from __future__ import annotations
 
 import abc
+import threading
 from typing import Any, Callable, Optional, Sequence
 
 
 class ConnectionClosed(ConnectionError):
     """The connection was closed, by either side, or broke."""
+
+
+_hooks = threading.local()
+
+
+def set_block_hook(hook: Optional[Callable[[], None]]) -> None:
+    """In this thread, call ``hook()`` before a send would wait (for the send lock, or for
+    room in the socket), then wait. The hook must neither block nor send."""
+    _hooks.before_block = hook
+
+
+def block_hook() -> Optional[Callable[[], None]]:
+    """This thread's hook (see :func:`set_block_hook`), if any."""
+    return getattr(_hooks, "before_block", None)
 
 
 class Connection(abc.ABC):
@@ -27,7 +42,8 @@ class Connection(abc.ABC):
 
     @abc.abstractmethod
     def send(self, frame: Sequence) -> None:
-        """Send one frame. Thread-safe; frames from concurrent senders never interleave."""
+        """Send one frame. Thread-safe; frames from concurrent senders never interleave.
+        A thread with a :func:`block_hook` calls it before it would have to wait."""
 
     @abc.abstractmethod
     def recv(self) -> list:

@@ -14,13 +14,13 @@ import ssl
 import struct
 import threading
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from . import auth, shm
 from .tls import TLSConfig
-from .base import Connection, ConnectionClosed, Listener, register_scheme
+from .base import Connection, ConnectionClosed, Listener, block_hook, register_scheme
 
 log = logging.getLogger("torchrpc")
 
@@ -84,14 +84,28 @@ class TCPConnection(Connection):
             wire = lengths
         views = [v for v in views if v.nbytes]
         views.insert(0, memoryview(struct.pack(f"<I{len(wire)}Q", len(wire), *wire)))
-        with self._send_lock:
+        small = sum(v.nbytes for v in views) <= 65536 and len(views) <= 8
+        hook = block_hook()
+        if hook is not None and (not small or isinstance(self._sock, ssl.SSLSocket)):
+            hook()  # a large send, or TLS (no non-blocking try): may wait
+            hook = None
+        if hook is None:
+            self._send_lock.acquire()
+        elif not self._send_lock.acquire(blocking=False):
+            hook()
+            self._send_lock.acquire()
+        try:
             if self._closed:
                 raise ConnectionClosed(f"connection to {self.peer} is closed")
             self.frames_sent += 1
             self.bytes_sent += sum(lengths)
             try:
-                if sum(v.nbytes for v in views) <= 65536 and len(views) <= 8:
-                    self._sock.sendall(b"".join(views))
+                if small:
+                    data = b"".join(views)
+                    if hook is not None:
+                        data = self._send_nowait(data, hook)
+                    if data:
+                        self._sock.sendall(data)
                 elif isinstance(self._sock, ssl.SSLSocket):  # no sendmsg through TLS
                     for v in views:
                         self._sock.sendall(v)
@@ -99,6 +113,19 @@ class TCPConnection(Connection):
                     self._sendmsg_all(views)
             except OSError as e:
                 raise ConnectionClosed(f"send to {self.peer} failed: {e}") from e
+        finally:
+            self._send_lock.release()
+
+    def _send_nowait(self, data: bytes, hook: Callable[[], None]) -> memoryview | bytes:
+        """Send what the socket takes without waiting; call ``hook`` if some is left (returned)."""
+        try:
+            n = self._sock.send(data, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        if n == len(data):
+            return b""
+        hook()
+        return memoryview(data)[n:]
 
     def _through_shm(self, views: list[memoryview], lengths: list[int]) -> tuple[list[memoryview], list[int]]:
         """Move the large buffers of a frame into shared memory; (views to send, wire lengths)."""
