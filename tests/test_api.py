@@ -10,7 +10,7 @@ import torch
 
 import torchrpc as rpc
 from common import (
-    Tracked, add, call, chain, ident, init, make_tracked, name, open_sockets, ping_pong,
+    add, call, chain, ident, init, make_tracked, name, open_sockets, ping_pong,
     raise_unpicklable, raise_value_error, rpc_agent_set, sleep_then, torchrpc_threads, whoami,
 )
 from harness import run_workers

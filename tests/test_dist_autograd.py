@@ -1106,7 +1106,7 @@ def _too_many_gradients(rank, world_size):
 
         agent = rpc.api.current.agent()
         with dist_autograd.context() as cid:
-            loss = t_simple()
+            loss = t_simple()  # noqa: F841 (keeps the graph alive)
             with use_context(None):
                 (s1, _), = rpc.rpc_sync(1, context_info, args=(cid,))["sends"].items()
             agent.control(1, m.BackwardDiscover(0, cid, FAKE_PASS, False, [s1])).wait()

@@ -10,7 +10,7 @@ import struct
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from torchrpc.errors import ProtocolError, RPCError

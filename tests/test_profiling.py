@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 
 import pytest
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 import torchrpc as rpc

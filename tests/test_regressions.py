@@ -8,7 +8,7 @@ import torch
 
 import torchrpc as rpc
 import torchrpc.autograd as dist_autograd
-from common import hold, ident, init, make_tracked, sleep_then
+from common import hold, ident, init, make_tracked
 from harness import KILLED, get_context, run_workers, start_workers
 
 pytestmark = pytest.mark.timeout(90)

@@ -6,7 +6,6 @@ and every socket is closed, so nothing can hang or leak.
 from __future__ import annotations
 
 import hashlib
-import os
 import socket
 import struct
 import threading

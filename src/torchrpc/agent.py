@@ -25,7 +25,6 @@ import heapq
 import os
 import itertools
 import logging
-import queue
 import threading
 import time
 import traceback
