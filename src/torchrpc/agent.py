@@ -532,27 +532,27 @@ class Agent:
 
         Under torch.profiler the call is an event on the caller (see :mod:`torchrpc.profiling`).
         """
-        dest, start = self._prepare_call(to, func, args, kwargs, timeout)
+        dest, timeout = self._call_target(to, timeout)
         if not profiling.enabled():
-            return start()
-        return profiling.profiled_async(self._event("async", func, dest), start)
+            return self._call(dest, func, args, kwargs, timeout, False)
+        return profiling.profiled_async(self._event("async", func, dest),
+                                        lambda: self._call(dest, func, args, kwargs, timeout, True))
 
     def call_sync(self, to: Any, func: Callable, args: tuple, kwargs: dict, timeout: float) -> Any:
         """Run ``func(*args, **kwargs)`` on worker ``to`` and return its result."""
-        dest, start = self._prepare_call(to, func, args, kwargs, timeout)
+        dest, timeout = self._call_target(to, timeout)
         if not profiling.enabled():
-            return start().wait()
-        return profiling.profiled_sync(self._event("sync", func, dest), start)
+            return self._call(dest, func, args, kwargs, timeout, False).wait()
+        return profiling.profiled_sync(self._event("sync", func, dest),
+                                       lambda: self._call(dest, func, args, kwargs, timeout, True))
 
     def _event(self, kind: str, func: Callable, dest: int) -> str:
         return f"rpc_{kind}#{func_name(func)}({self.name} -> {self.workers[dest].name})"
 
-    def _prepare_call(self, to: Any, func: Callable, args: tuple, kwargs: dict,
-                      timeout: float) -> tuple[int, Callable[[], torch.futures.Future]]:
+    def _call_target(self, to: Any, timeout: float) -> tuple[int, float]:
+        """The destination's id and the effective timeout of a call (raises if shut down)."""
         self._check_open()
-        dest = self.worker_info(to).id
-        timeout = self._timeout(timeout)
-        return dest, lambda: self._call(dest, func, args, kwargs, timeout, profiling.enabled())
+        return self.worker_info(to).id, self._timeout(timeout)
 
     def _call(self, dest: int, func: Callable, args: tuple, kwargs: dict, timeout: float,
               profiled: bool) -> torch.futures.Future:
@@ -783,9 +783,8 @@ class Agent:
             except ConnectionClosed as e:
                 self._on_connection_lost(peer, conn, str(e))
                 return
-            except BaseException as e:  # pragma: no cover - a bug; report it as a lost peer
-                log.exception("torchrpc %s: reader for worker %d failed", self.name, peer)
-                self._on_connection_lost(peer, conn, f"reader failed: {e!r}")
+            except BaseException as e:  # pragma: no cover - a bug
+                self._reader_failed(peer, conn, e)
                 return
             role.since = time.monotonic()
             busy[role] = role
@@ -794,10 +793,9 @@ class Agent:
                 self._monitor_wake.set()
             try:
                 job = self._dispatch(peer, frame)
-            except BaseException as e:  # pragma: no cover - a bug; report it as a lost peer
-                log.exception("torchrpc %s: reader for worker %d failed", self.name, peer)
+            except BaseException as e:  # pragma: no cover - a bug
                 busy.pop(role, None)
-                self._on_connection_lost(peer, conn, f"reader failed: {e!r}")
+                self._reader_failed(peer, conn, e)
                 return
             del frame
             if job is not None:
@@ -812,9 +810,18 @@ class Agent:
             if busy.pop(role, None) is None:
                 return  # handed on: another thread reads now
 
+    def _reader_failed(self, peer: int, conn: Connection, e: BaseException) -> None:
+        """A bug in reading: report it, and treat the peer as lost."""
+        log.exception("torchrpc %s: reader for worker %d failed", self.name, peer)
+        self._on_connection_lost(peer, conn, f"reader failed: {e!r}")
+
     def _hand_off_reading(self) -> None:
         """If this thread is a reader handling a frame, pass the reading to another pool thread."""
-        role = getattr(_tls, "role", None)
+        self._pass_reading(getattr(_tls, "role", None))
+
+    def _pass_reading(self, role: Optional[_ReadRole]) -> None:
+        """Take ``role`` out of the busy table and give the reading to a pool thread,
+        unless someone else took it first (then they did)."""
         if role is not None and self._busy.pop(role, None) is not None:
             self._pool.submit(self._read_loop, role.peer, role.conn)
 
@@ -830,8 +837,8 @@ class Agent:
             if busy:
                 quiet_since = now
                 for role in list(busy):
-                    if now - role.since >= HANDOFF_AFTER and busy.pop(role, None) is not None:
-                        self._pool.submit(self._read_loop, role.peer, role.conn)
+                    if now - role.since >= HANDOFF_AFTER:
+                        self._pass_reading(role)
             elif now - quiet_since >= MONITOR_PARK_AFTER:
                 self._monitor_wake.clear()
                 self._monitor_parked = True

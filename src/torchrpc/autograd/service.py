@@ -183,20 +183,14 @@ class DistAutograd:
     def handle_propagate(self, src: int, msg: m.PropagateGradients, ag: Any = None) -> None:
         try:
             ctx = self.contexts.get(msg.context_id)
-            outcome, retain_graph = self._deliver(ctx, msg.pass_id, msg.direct, msg.retain_graph, src,
-                                                  msg.autograd_message_id, msg.grads)
+            grads = self._checked(ctx, src, msg.autograd_message_id, msg.grads)
+            outcome, retain_graph = self._run_delivery(ctx, msg.pass_id, msg.direct, msg.retain_graph,
+                                                       msg.autograd_message_id, grads)
             back = self._apply(ctx, msg.pass_id, outcome, msg.direct, retain_graph, requester=src)
         except BaseException as e:
             self.agent.reply_error(src, msg.msg_id, self._named(e))
             return
         self._reply_done(src, msg.msg_id, ctx, msg.pass_id, msg.direct, retain_graph, back)
-
-    def _deliver(self, ctx: DistAutogradContext, pass_id: int, direct: bool, retain_graph: bool, src: int,
-                 ag_id: int, grads: list) -> tuple[Outcome, bool]:
-        """Gradients from ``src`` for send ``ag_id``: check them, run what they make ready here.
-
-        Returns the outcome and the pass's retain_graph."""
-        return self._run_delivery(ctx, pass_id, direct, retain_graph, ag_id, self._checked(ctx, src, ag_id, grads))
 
     @staticmethod
     def _checked(ctx: DistAutogradContext, src: int, ag_id: int, grads: list) -> list:
@@ -214,6 +208,8 @@ class DistAutograd:
     @staticmethod
     def _run_delivery(ctx: DistAutogradContext, pass_id: int, direct: bool, retain_graph: bool, ag_id: int,
                       grads: list) -> tuple[Outcome, bool]:
+        """Run what checked gradients for send ``ag_id`` make ready here; the outcome and the
+        pass's retain_graph."""
         key = ("send", ag_id)
         if direct:  # a pass without discovery: this send's part runs now, from it alone
             with ctx.lock:

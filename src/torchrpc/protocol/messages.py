@@ -127,6 +127,12 @@ class Message:
         return frames
 
     @classmethod
+    def _bool(cls, name: str, value: int) -> bool:
+        if value > 1:
+            raise ProtocolError(f"{cls.TYPE.name} field {name} is {value}, not a boolean (0 or 1)")
+        return bool(value)
+
+    @classmethod
     def _from_frames(cls, frames: Sequence[Buffer]) -> "Message":
         st = cls._struct
         header = frames[0]
@@ -143,9 +149,7 @@ class Message:
                 kwargs[name] = GloballyUniqueId(raw[i], raw[i + 1])
                 i += 2
             elif kind == "bool":
-                if raw[i] > 1:
-                    raise ProtocolError(f"{cls.TYPE.name} field {name} is {raw[i]}, not a boolean (0 or 1)")
-                kwargs[name] = bool(raw[i])
+                kwargs[name] = cls._bool(name, raw[i])
                 i += 1
             else:
                 kwargs[name] = raw[i]
@@ -427,8 +431,6 @@ class ForwardAutograd(Message):
         if len(frames[0]) != st.size:
             raise ProtocolError(f"FORWARD_AUTOGRAD header has {len(frames[0])} bytes, expected {st.size}")
         _, msg_id, context_id, ag_id, converges = st.unpack_from(frames[0])
-        if converges > 1:
-            raise ProtocolError(f"FORWARD_AUTOGRAD field converges is {converges}, not a boolean (0 or 1)")
         if len(frames) < 2:
             raise ProtocolError("FORWARD_AUTOGRAD carries no message")
         inner = decode(frames[1:])
@@ -436,7 +438,7 @@ class ForwardAutograd(Message):
             raise ProtocolError("FORWARD_AUTOGRAD may not wrap another FORWARD_AUTOGRAD")
         if inner.msg_id != msg_id:
             raise ProtocolError("FORWARD_AUTOGRAD message id differs from the wrapped message's")
-        return cls(msg_id, context_id, ag_id, inner, bool(converges))
+        return cls(msg_id, context_id, ag_id, inner, cls._bool("converges", converges))
 
 
 @dataclass(slots=True)
