@@ -1005,12 +1005,12 @@ def _prelude(agent, main):
     real_send, real_recv = main.send, main.recv
     incoming = collections.Counter()
 
-    def send(frame):
+    def send(frame, defer=False):
         fr = [_b(b) for b in frame]
         msg = m.decode([bytearray(b) for b in fr])
         inner = msg.inner if isinstance(msg, m.ForwardAutograd) else msg
         recorded[type(inner).__name__].append(fr)
-        return real_send(frame)
+        return real_send(frame, defer)
 
     def recv():
         frame = real_recv()

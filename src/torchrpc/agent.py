@@ -121,6 +121,9 @@ HEARTBEAT_MISSES = 3.5
 #: A reader running a request inline for longer than this (seconds) passes the reading on
 #: (the monitor polls this often while readers are active, and parks after a quiet spell).
 HANDOFF_AFTER = 0.004
+#: A reader flushes its deferred replies before it would wait for input, or after serving
+#: this many frames in a row.
+FLUSH_AFTER = 64
 MONITOR_PARK_AFTER = 0.25
 
 
@@ -330,6 +333,7 @@ class Agent:
         self._dead: dict[int, str] = {}
         self._pending: dict[int, _Pending] = {}
         self._retrying = 0  # control messages between a lost ack and their next attempt
+        self._deletes: collections.deque = collections.deque()  # (dest, RRefUserDelete) to send
         self._last_heard: dict[int, float] = {}  # peer -> when a frame last came from it (heartbeat loop)
         self._faults = _Faults(options._faults) if getattr(options, "_faults", None) else None
         self._deadlines: list[tuple[float, int]] = []
@@ -479,7 +483,7 @@ class Agent:
         if self._closed:
             raise RPCError("RPC has been shut down on this worker; call init_rpc again to use it")
 
-    def _send(self, dest: int, frame: list) -> None:
+    def _send(self, dest: int, frame: list, defer: bool = False) -> None:
         if dest == self.rank:
             # to ourselves: copy, as the wire would, and dispatch in this thread
             job = self._dispatch(dest, [bytearray(b) for b in frame])
@@ -493,7 +497,7 @@ class Agent:
             why = self._dead.get(dest, "not connected")
             raise WorkerUnavailableError(f"worker {self.workers[dest].name!r} (id {dest}) is unavailable: {why}")
         try:
-            conn.send(frame)
+            conn.send(frame, defer)
         except ConnectionClosed as e:
             raise WorkerUnavailableError(f"worker {self.workers[dest].name!r} (id {dest}) is unavailable: {e}") from e
 
@@ -505,9 +509,12 @@ class Agent:
             return self._conns.get(dest)
 
     def _request(self, dest: int, msg: m.Message, timeout: float, desc: str, callback: ReplyCallback,
-                 autograd: Optional[AutogradTag] = None) -> int:
+                 autograd: Optional[AutogradTag] = None, defer: bool = False) -> int:
         """Send a request; ``callback(reply, error)`` runs exactly once (reply, timeout or failure)."""
-        self._hand_off_reading()  # a reader that sends a request likely waits for the reply
+        if not defer:
+            self._hand_off_reading()  # a reader that sends a request likely waits for the reply
+            if self._deletes:
+                self._send_deletes(dest)
         msg_id = msg.msg_id = next(self._ids)
         deadline = time.monotonic() + timeout if timeout > 0 else 0.0
         self._pending[msg_id] = _Pending(dest, desc, deadline, timeout, callback)
@@ -515,7 +522,7 @@ class Agent:
             with self._deadline_lock:
                 heapq.heappush(self._deadlines, (deadline, msg_id))
         try:
-            self._send(dest, (autograd.wrap(msg) if autograd else msg).encode())
+            self._send(dest, (autograd.wrap(msg) if autograd else msg).encode(), defer)
         except BaseException:
             self._pending.pop(msg_id, None)
             raise
@@ -714,12 +721,31 @@ class Agent:
         return fut
 
     def _emit(self, dest: int, msg: m.Message, on_done: Optional[Callable[[Optional[BaseException]], None]]) -> None:
-        """The RRef context's outbox: send a control message from the pool (never inline)."""
+        """The RRef context's outbox: send a control message from the pool (never inline).
+
+        User deletes (a UserRRef was collected) are not urgent: they wait in
+        ``_deletes`` for the next request to any worker, which sends them first (those for
+        its own destination in the same system call), or for the watchdog's next tick.
+        """
         if self._closed:
+            return
+        if type(msg) is m.RRefUserDelete and on_done is None:
+            self._deletes.append((dest, msg))
             return
         self._pool.submit(self._send_control, dest, msg, on_done)
 
-    def _send_control(self, dest: int, msg: m.Message, on_done: Optional[Callable], attempt: int = 1) -> None:
+    def _send_deletes(self, defer_to: Optional[int] = None) -> None:
+        """Send the queued user deletes; those for ``defer_to`` are deferred onto its next frame."""
+        q = self._deletes
+        while q:
+            try:
+                dest, msg = q.popleft()
+            except IndexError:  # taken by another thread
+                return
+            self._send_control(dest, msg, None, defer=dest == defer_to)
+
+    def _send_control(self, dest: int, msg: m.Message, on_done: Optional[Callable], attempt: int = 1,
+                      defer: bool = False) -> None:
         """Send an RRef or cleanup control message; they are idempotent, so one whose ack does not
         come in time is sent again (``CONTROL_ATTEMPTS`` times, the wait doubling each time)."""
 
@@ -739,7 +765,7 @@ class Agent:
         if self.rpc_timeout:
             timeout = min(timeout, self.rpc_timeout)
         try:
-            self._request(dest, msg, timeout, type(msg).__name__, on_reply)
+            self._request(dest, msg, timeout, type(msg).__name__, on_reply, defer=defer)
         except BaseException as e:
             on_reply(None, e)
 
@@ -777,7 +803,20 @@ class Agent:
         serves the request and goes back to the pool.
         """
         peer, conn, busy = role.peer, role.conn, self._busy
+        served = 0
         while True:
+            if conn.has_deferred and (served >= FLUSH_AFTER or not conn.pending_input()):
+                served = 0
+                busy[role] = role  # a flush that would wait hands the reading on first
+                try:
+                    conn.flush()
+                except ConnectionClosed as e:
+                    busy.pop(role, None)
+                    self._on_connection_lost(peer, conn, str(e))
+                    return
+                if busy.pop(role, None) is None:
+                    return
+            served += 1
             try:
                 frame = conn.recv()
             except ConnectionClosed as e:
@@ -965,6 +1004,8 @@ class Agent:
 
     def _watchdog(self) -> None:
         while not self._stop.wait(0.05):
+            if self._deletes:
+                self._pool.submit(self._send_deletes)
             now = time.monotonic()
             expired = []
             with self._deadline_lock:
@@ -994,9 +1035,15 @@ class Agent:
         exc.remote_traceback = reply.traceback
         return exc
 
+    def _holds_reading(self, peer: int) -> bool:
+        """Whether this thread reads ``peer``'s connection now: then its replies are deferred,
+        and it flushes them before it waits for input (see :meth:`_read`)."""
+        role = getattr(_tls, "role", None)
+        return role is not None and role.peer == peer and role in self._busy
+
     def _reply(self, dest: int, msg: m.Message) -> None:
         try:
-            self._send(dest, msg.encode())
+            self._send(dest, msg.encode(), self._holds_reading(dest))
         except WorkerUnavailableError as e:
             log.debug("torchrpc %s: reply to %d lost: %s", self.name, dest, e)
 
@@ -1023,7 +1070,7 @@ class Agent:
         if tag is not None:
             reply = tag.wrap(reply)
         try:
-            self._send(dest, reply.encode())
+            self._send(dest, reply.encode(), self._holds_reading(dest))
         except WorkerUnavailableError as e:
             session.cancel()
             log.debug("torchrpc %s: reply to %d lost: %s", self.name, dest, e)
@@ -1173,7 +1220,10 @@ class Agent:
 
     def _wait_quiet(self, deadline: float, what: str) -> None:
         delay = 0.001
-        while self._pending or self._retrying or self.ctx.has_pending():
+        while True:
+            self._send_deletes()
+            if not (self._pending or self._retrying or self.ctx.has_pending()):
+                return
             if time.monotonic() > deadline:
                 descs = sorted({f"{p.desc} to {self.workers[p.dest].name}" for p in list(self._pending.values())})
                 raise RPCTimeoutError(f"shutdown timed out {what}: still waiting for {descs or 'RRef confirmations'}")

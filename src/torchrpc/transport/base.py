@@ -41,13 +41,30 @@ class Connection(abc.ABC):
     bytes_received: int = 0
 
     @abc.abstractmethod
-    def send(self, frame: Sequence) -> None:
+    def send(self, frame: Sequence, defer: bool = False) -> None:
         """Send one frame. Thread-safe; frames from concurrent senders never interleave.
-        A thread with a :func:`block_hook` calls it before it would have to wait."""
+        A thread with a :func:`block_hook` calls it before it would have to wait.
+
+        With ``defer``, a small frame is only queued (this never waits): it goes out, in
+        order, with the next frame sent without ``defer``, or at :meth:`flush`. Many
+        replies then leave in one system call and reach the peer in one wake-up."""
+
+    @property
+    def has_deferred(self) -> bool:
+        """Whether frames queued by ``send(defer=True)`` wait for a flush."""
+        return False
+
+    def flush(self) -> None:
+        """Send the deferred frames now (as ``send`` does: it may wait, calling the hook)."""
 
     @abc.abstractmethod
     def recv(self) -> list:
         """Block until the next frame arrives; raise :class:`ConnectionClosed` at the end."""
+
+    def pending_input(self) -> bool:
+        """Whether ``recv`` has input to read without waiting. Only the receiving thread
+        may ask."""
+        return False
 
     @abc.abstractmethod
     def close(self) -> None:

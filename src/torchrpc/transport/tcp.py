@@ -8,6 +8,7 @@ deserializer then uses as tensor storage.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import socket
 import ssl
@@ -37,6 +38,9 @@ MAX_FRAME_BYTES = 1 << 36
 _SHM_BIT = 1 << 63
 _HANDSHAKE_TIMEOUT = 10.0
 _LAZY_BYTES = 1 << 20
+_RBUF_BYTES = 1 << 16
+#: Frames up to this size are joined into one bytes object and may be deferred.
+_SMALL_BYTES = 1 << 16
 
 
 def _parse(hostport: str) -> tuple[str, int]:
@@ -60,8 +64,14 @@ class TCPConnection(Connection):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(None)
         self._sock = sock
-        self._rfile = sock.makefile("rb", buffering=1 << 16)
+        # Received bytes not yet taken: _rbuf[_r0:_r1]. Small buffers of a frame are copied
+        # out of it; large ones are read straight into their own memory.
+        self._rbuf = bytearray(_RBUF_BYTES)
+        self._rview = memoryview(self._rbuf)
+        self._r0 = self._r1 = 0
         self._send_lock = threading.Lock()
+        #: small frames held back by ``send(defer=True)``, joined, in order
+        self._deferred: collections.deque = collections.deque()
         self._closed = False
         self.peer = peer
         self.frames_sent = self.bytes_sent = self.frames_received = self.bytes_received = 0
@@ -75,7 +85,7 @@ class TCPConnection(Connection):
     def uses_shm(self) -> bool:
         return self._shm_tx is not None
 
-    def send(self, frame: Sequence) -> None:
+    def send(self, frame: Sequence, defer: bool = False) -> None:
         views = _views(frame)
         lengths = [v.nbytes for v in views]
         if self._shm_tx is not None and max(lengths, default=0) >= shm.THRESHOLD:
@@ -84,7 +94,40 @@ class TCPConnection(Connection):
             wire = lengths
         views = [v for v in views if v.nbytes]
         views.insert(0, memoryview(struct.pack(f"<I{len(wire)}Q", len(wire), *wire)))
-        small = sum(v.nbytes for v in views) <= 65536 and len(views) <= 8
+        small = sum(v.nbytes for v in views) <= _SMALL_BYTES and len(views) <= 8
+        self.frames_sent += 1
+        self.bytes_sent += sum(lengths)
+        if small:
+            data = b"".join(views)
+            if defer:
+                if self._closed:
+                    raise ConnectionClosed(f"connection to {self.peer} is closed")
+                self._deferred.append(data)
+                return
+            self._transmit([data], True)
+        else:
+            self._transmit(views, False)
+
+    @property
+    def has_deferred(self) -> bool:
+        return bool(self._deferred)
+
+    def flush(self) -> None:
+        if self._deferred:
+            self._transmit([], True)
+
+    def _take_deferred(self) -> list:
+        out = []
+        q = self._deferred
+        while q:
+            try:
+                out.append(q.popleft())
+            except IndexError:  # taken by a concurrent flush
+                break
+        return out
+
+    def _transmit(self, views: list, small: bool) -> None:
+        """Send the deferred frames, then ``views``, under the send lock."""
         hook = block_hook()
         if hook is not None and (not small or isinstance(self._sock, ssl.SSLSocket)):
             hook()  # a large send, or TLS (no non-blocking try): may wait
@@ -97,11 +140,13 @@ class TCPConnection(Connection):
         try:
             if self._closed:
                 raise ConnectionClosed(f"connection to {self.peer} is closed")
-            self.frames_sent += 1
-            self.bytes_sent += sum(lengths)
+            if self._deferred:
+                views = [*self._take_deferred(), *views]
+            if not views:
+                return
             try:
                 if small:
-                    data = b"".join(views)
+                    data = views[0] if len(views) == 1 else b"".join(views)
                     if hook is not None:
                         data = self._send_nowait(data, hook)
                     if data:
@@ -110,7 +155,7 @@ class TCPConnection(Connection):
                     for v in views:
                         self._sock.sendall(v)
                 else:
-                    self._sendmsg_all(views)
+                    self._sendmsg_all([memoryview(v) for v in views])
             except OSError as e:
                 raise ConnectionClosed(f"send to {self.peer} failed: {e}") from e
         finally:
@@ -153,19 +198,74 @@ class TCPConnection(Connection):
                     views[0] = first[n:]
                     n = 0
 
+    def _fill(self, flags: int = 0) -> int:
+        """One read from the socket into the free end of the receive buffer; bytes read
+        (0 when ``MSG_DONTWAIT`` finds nothing). Raises ConnectionClosed at the end."""
+        if self._r0 == self._r1:
+            self._r0 = self._r1 = 0
+        elif self._r1 == _RBUF_BYTES:  # full at the end: move what is left to the front
+            n = self._r1 - self._r0
+            self._rbuf[:n] = self._rview[self._r0:self._r1]
+            self._r0, self._r1 = 0, n
+        try:
+            n = self._sock.recv_into(self._rview[self._r1:], 0, flags)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except (OSError, ValueError) as e:
+            raise ConnectionClosed(f"connection to {self.peer} broke: {e}") from e
+        if not n:
+            raise ConnectionClosed(f"connection to {self.peer} closed")
+        self._r1 += n
+        self.bytes_arriving += n
+        return n
+
     def _read_exact(self, buf: memoryview) -> None:
-        rfile = self._rfile
-        got = 0
-        total = buf.nbytes
-        while got < total:
-            try:
-                n = rfile.readinto(buf[got:])
-            except (OSError, ValueError) as e:
-                raise ConnectionClosed(f"connection to {self.peer} broke: {e}") from e
-            if not n:
-                raise ConnectionClosed(f"connection to {self.peer} closed")
-            got += n
-            self.bytes_arriving += n
+        """Fill ``buf``: from the receive buffer first, then straight from the socket when
+        what is missing is large, else through the buffer."""
+        total, got = buf.nbytes, 0
+        while True:
+            take = min(self._r1 - self._r0, total - got)
+            if take:
+                buf[got:got + take] = self._rview[self._r0:self._r0 + take]
+                self._r0 += take
+                got += take
+            if got == total:
+                return
+            if total - got >= _RBUF_BYTES // 2:
+                try:
+                    n = self._sock.recv_into(buf[got:])
+                except (OSError, ValueError) as e:
+                    raise ConnectionClosed(f"connection to {self.peer} broke: {e}") from e
+                if not n:
+                    raise ConnectionClosed(f"connection to {self.peer} closed")
+                got += n
+                self.bytes_arriving += n
+            else:
+                self._fill()
+
+    def _take(self, n: int) -> bytes:
+        """The next ``n`` bytes (n <= the buffer's size), as a copy."""
+        while self._r1 - self._r0 < n:
+            if self._r1 == _RBUF_BYTES or _RBUF_BYTES - self._r0 < n:
+                left = self._r1 - self._r0
+                self._rbuf[:left] = self._rview[self._r0:self._r1]
+                self._r0, self._r1 = 0, left
+            self._fill()
+        b = self._rbuf[self._r0:self._r0 + n]
+        self._r0 += n
+        return b
+
+    def pending_input(self) -> bool:
+        """Whether bytes have arrived that ``recv`` would read without waiting (the end of
+        the connection counts). Only the thread that calls ``recv`` may call this."""
+        if self._r1 > self._r0:
+            return True
+        if isinstance(self._sock, ssl.SSLSocket):
+            return self._sock.pending() > 0
+        try:
+            return self._fill(socket.MSG_DONTWAIT) > 0
+        except ConnectionClosed:
+            return True
 
     def _recv_shm(self, n: int) -> object:
         if self._shm_rx is None or n != shm.DESCRIPTOR.size:
@@ -197,13 +297,14 @@ class TCPConnection(Connection):
         return frame
 
     def recv(self) -> list:
-        head = bytearray(4)
-        self._read_exact(memoryview(head))
-        (count,) = _COUNT.unpack(head)
+        (count,) = _COUNT.unpack(self._take(4))
         if count > MAX_BUFFERS:
             raise ConnectionClosed(f"frame from {self.peer} claims {count} buffers; closing")
-        lens_raw = bytearray(8 * count)
-        self._read_exact(memoryview(lens_raw))
+        if 8 * count <= _RBUF_BYTES:
+            lens_raw = self._take(8 * count)
+        else:
+            lens_raw = bytearray(8 * count)
+            self._read_exact(memoryview(lens_raw))
         lengths = struct.unpack(f"<{count}Q", lens_raw)
         if sum(n & ~_SHM_BIT for n in lengths) > MAX_FRAME_BYTES:
             raise ConnectionClosed(f"frame from {self.peer} claims {sum(lengths)} bytes; closing")
@@ -212,6 +313,10 @@ class TCPConnection(Connection):
             if n & _SHM_BIT:
                 frame.append(self._recv_shm(n & ~_SHM_BIT))
                 continue
+            if n <= self._r1 - self._r0:  # all here already: one copy out of the buffer
+                frame.append(self._rbuf[self._r0:self._r0 + n])
+                self._r0 += n
+                continue
             try:
                 # A large buffer comes from numpy.empty: its pages are only committed as the
                 # data arrives, so a length claimed in a header costs nothing until then.
@@ -219,8 +324,7 @@ class TCPConnection(Connection):
             except MemoryError:
                 raise ConnectionClosed(f"frame from {self.peer} needs {n} bytes, more than this process can "
                                        "allocate; closing") from None
-            if n:
-                self._read_exact(memoryview(b))
+            self._read_exact(memoryview(b))
             frame.append(b)
         self.frames_received += 1
         self.bytes_received += sum(lengths)
