@@ -253,6 +253,100 @@ def test_concurrent_senders_never_interleave(pair):
 # --- closing --------------------------------------------------------------------------
 
 
+# --- deferred sends, the receive buffer, pending input ---------------------------------
+
+
+def wait_for_input(conn, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not conn.pending_input():
+        assert time.monotonic() < deadline, "no input arrived"
+        time.sleep(0.001)
+
+
+def test_deferred_frames_wait_for_the_next_send_and_keep_their_order(pair):
+    client, server = pair
+    client.send([b"a"], defer=True)
+    client.send([b"b", b"c"], defer=True)
+    assert client.has_deferred
+    time.sleep(0.2)
+    assert not server.pending_input()  # nothing went out
+    client.send([b"d"])
+    assert not client.has_deferred
+    assert [as_bytes(server.recv()) for _ in range(3)] == [[b"a"], [b"b", b"c"], [b"d"]]
+    assert client.frames_sent == server.frames_received == 3
+
+
+def test_flush_sends_deferred_frames(pair):
+    client, server = pair
+    for i in range(100):
+        client.send([b"%d" % i], defer=True)
+    client.flush()
+    assert not client.has_deferred
+    assert [as_bytes(server.recv()) for _ in range(100)] == [[b"%d" % i] for i in range(100)]
+    client.flush()  # nothing deferred: a no-op
+    assert not server.pending_input()
+
+
+def test_a_large_frame_is_never_deferred_and_goes_after_the_deferred_ones(tcp_pair):
+    client, server = tcp_pair
+    big = bytes(range(256)) * 1024  # 256 KiB: more than a small frame
+    client.send([b"first"], defer=True)
+    sender = Bg(client.send, [big], True)
+    assert as_bytes(server.recv()) == [b"first"]
+    assert as_bytes(server.recv()) == [big]
+    sender.result()
+    assert not client.has_deferred
+
+
+def test_deferring_on_a_closed_connection_raises(pair):
+    client, _ = pair
+    client.close()
+    with pytest.raises(ConnectionClosed):
+        client.send([b"late"], defer=True)
+
+
+def test_pending_input_means_a_whole_frame(listener):
+    sock, conn = raw_client(listener)
+    try:
+        assert not conn.pending_input()
+        frame = struct.pack("<I2Q", 2, 3, 5) + b"abc" + b"defgh"
+        sock.sendall(frame[:9])  # header and part of the lengths
+        time.sleep(0.1)
+        assert not conn.pending_input()
+        sock.sendall(frame[9:-1])  # all but the last byte
+        time.sleep(0.1)
+        assert not conn.pending_input()
+        sock.sendall(frame[-1:])
+        wait_for_input(conn)
+        assert as_bytes(conn.recv()) == [b"abc", b"defgh"]
+        assert not conn.pending_input()
+        sock.close()  # the end of the connection counts as input: recv reports it
+        wait_for_input(conn)
+        with pytest.raises(ConnectionClosed):
+            conn.recv()
+    finally:
+        sock.close()
+        conn.close()
+
+
+def test_receive_buffer_many_frames_in_one_read_and_frames_split_byte_by_byte(listener):
+    sock, conn = raw_client(listener)
+    try:
+        frames = [[b"x" * (i % 7), b"%d" % i] for i in range(2000)]
+        frames.insert(1000, [bytes(200_000), b"big"])  # larger than the receive buffer
+        wire = b"".join(struct.pack(f"<I{len(f)}Q", len(f), *map(len, f)) + b"".join(f) for f in frames)
+        sender = Bg(sock.sendall, wire)
+        assert [as_bytes(conn.recv()) for _ in frames] == frames
+        sender.result()
+        one = struct.pack("<I2Q", 2, 4, 2) + b"abcd" + b"ef"
+        sender = Bg(lambda: [sock.sendall(one[i:i + 1]) for i in range(len(one))])
+        assert as_bytes(conn.recv()) == [b"abcd", b"ef"]
+        sender.result()
+    finally:
+        sock.close()
+        conn.close()
+
+
 def test_close_unblocks_recv(pair):
     client, server = pair
     blocked = Bg(server.recv)

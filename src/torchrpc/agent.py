@@ -128,7 +128,9 @@ FLUSH_AFTER = 64
 #: the next request often follows within a round trip, and waking a blocked thread costs
 #: ~25 us on a VM whose idle CPU has halted (a Python TCP ping-pong: 54 us blocking, 7 us
 #: polling). Only after a request: a reader that completed a reply has woken the thread
-#: waiting for it, which needs the GIL that polling would hold. 0 turns polling off.
+#: waiting for it, which needs the GIL that polling would hold. Adaptive: a reader stops
+#: polling once polls keep coming up empty, and starts again when a request follows its
+#: last one within this time. 0 turns polling off.
 SPIN_S = float(os.environ.get("TORCHRPC_SPIN_US", "200")) / 1e6
 MONITOR_PARK_AFTER = 0.25
 
@@ -811,6 +813,7 @@ class Agent:
         peer, conn, busy = role.peer, role.conn, self._busy
         served = 0
         served_request = False
+        spin = 1  # polls while the last polls found the next request (see SPIN_S)
         while True:
             if conn.has_deferred and (served >= FLUSH_AFTER or not conn.pending_input()):
                 served = 0
@@ -824,10 +827,9 @@ class Agent:
                 if busy.pop(role, None) is None:
                     return
             served += 1
-            if served_request and SPIN_S and not conn.pending_input():
-                end = time.perf_counter() + SPIN_S
-                while time.perf_counter() < end and not conn.pending_input():
-                    pass
+            if served_request and spin > 0 and SPIN_S and not conn.pending_input():
+                spin = min(spin + 1, 4) if self._poll(conn) else spin - 1
+            blocked = time.perf_counter()
             try:
                 frame = conn.recv()
             except ConnectionClosed as e:
@@ -836,6 +838,8 @@ class Agent:
             except BaseException as e:  # pragma: no cover - a bug
                 self._reader_failed(peer, conn, e)
                 return
+            if spin <= 0 and time.perf_counter() - blocked < SPIN_S:
+                spin = 1  # polling would have found this one
             role.since = time.monotonic()
             busy[role] = role
             if self._monitor_parked:
@@ -860,6 +864,15 @@ class Agent:
                 del job, handler, args
             if busy.pop(role, None) is None:
                 return  # handed on: another thread reads now
+
+    @staticmethod
+    def _poll(conn: Connection) -> bool:
+        """Poll ``conn`` for input for up to ``SPIN_S``; whether some came."""
+        end = time.perf_counter() + SPIN_S
+        while time.perf_counter() < end:
+            if conn.pending_input():
+                return True
+        return False
 
     def _reader_failed(self, peer: int, conn: Connection, e: BaseException) -> None:
         """A bug in reading: report it, and treat the peer as lost."""

@@ -256,16 +256,31 @@ class TCPConnection(Connection):
         return b
 
     def pending_input(self) -> bool:
-        """Whether bytes have arrived that ``recv`` would read without waiting (the end of
-        the connection counts). Only the thread that calls ``recv`` may call this."""
-        if self._r1 > self._r0:
+        """Whether a whole frame has arrived, so that ``recv`` returns without waiting (the end
+        of the connection counts). Only the thread that calls ``recv`` may call this."""
+        if self._frame_ready():
             return True
+        if self._r1 - self._r0 == _RBUF_BYTES:
+            return False  # a frame larger than the buffer: recv reads it
         if isinstance(self._sock, ssl.SSLSocket):
             return self._sock.pending() > 0
         try:
-            return self._fill(socket.MSG_DONTWAIT) > 0
+            return self._fill(socket.MSG_DONTWAIT) > 0 and self._frame_ready()
         except ConnectionClosed:
             return True
+
+    def _frame_ready(self) -> bool:
+        avail = self._r1 - self._r0
+        if avail < 4:
+            return False
+        (count,) = _COUNT.unpack_from(self._rbuf, self._r0)
+        if count > MAX_BUFFERS:
+            return True  # recv rejects it at once
+        need = 4 + 8 * count
+        if avail < need:
+            return False
+        lengths = struct.unpack_from(f"<{count}Q", self._rbuf, self._r0 + 4)
+        return avail >= need + sum(n & ~_SHM_BIT for n in lengths)
 
     def _recv_shm(self, n: int) -> object:
         if self._shm_rx is None or n != shm.DESCRIPTOR.size:
