@@ -75,3 +75,35 @@ def _mixed_traffic(rank, world_size, spin_s):
 def test_every_reply_arrives_with_deferred_replies_and_polling(spin_s):
     out = run_workers(_mixed_traffic, 2, args=(spin_s,), timeout=60)[0]
     assert out == {"ok": True, "tags": True, "live_after": 0, "sync": True}
+
+
+def busy_then_big(seconds):
+    """Runs on the reader for ``seconds``, then makes an 8 MiB tensor and its reply (a copy
+    into shared memory): the monitor hands the reading on (at 4 ms) while the reply is made."""
+    import time
+
+    import torch
+
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+    return torch.ones(1 << 21)
+
+
+def _replies_while_reading_changes_hands(rank, world_size):
+    agent_mod.HEARTBEAT_INTERVAL = 60.0  # no heartbeat traffic that would flush a stuck reply
+    init(rank, world_size)
+    out = {}
+    if rank == 0:
+        sums = [float(rpc.rpc_sync("worker1", busy_then_big, args=(0.003,), timeout=10).sum())
+                for _ in range(150)]
+        out["ok"] = sums == [float(1 << 21)] * 150
+    rpc.shutdown()
+    return out
+
+
+def test_no_reply_stays_deferred_when_the_reading_changes_hands():
+    # A reply deferred just as the monitor handed the reading on used to wait for the next
+    # frame on the connection (here: none until a 10 s timeout).
+    out = run_workers(_replies_while_reading_changes_hands, 2, timeout=80)[0]
+    assert out == {"ok": True}

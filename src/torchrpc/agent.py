@@ -121,9 +121,12 @@ HEARTBEAT_MISSES = 3.5
 #: A reader running a request inline for longer than this (seconds) passes the reading on
 #: (the monitor polls this often while readers are active, and parks after a quiet spell).
 HANDOFF_AFTER = 0.004
-#: A reader flushes its deferred replies before it would wait for input, or after serving
-#: this many frames in a row.
+#: A reader flushes its deferred replies before it would wait for input, after serving
+#: this many frames in a row, and after a request that ran longer than QUICK_S: a reply
+#: waits for company only behind other quick requests (or, when a quick request is
+#: followed by one that runs long, until the monitor hands the reading on).
 FLUSH_AFTER = 64
+QUICK_S = 200e-6
 #: A reader that has just served a request polls its socket this long before it blocks:
 #: the next request often follows within a round trip, and waking a blocked thread costs
 #: ~25 us on a VM whose idle CPU has halted (a Python TCP ping-pong: 54 us blocking, 7 us
@@ -811,7 +814,7 @@ class Agent:
         serves the request and goes back to the pool.
         """
         peer, conn, busy = role.peer, role.conn, self._busy
-        served = 0
+        served = FLUSH_AFTER  # first flush what a reader before us left deferred
         served_request = False
         spin = 1  # polls while the last polls found the next request (see SPIN_S)
         while True:
@@ -857,13 +860,23 @@ class Agent:
                 handler, args = job
                 if type(args[1]) not in _INLINE:
                     self._hand_off_reading()
+                started = time.perf_counter()
                 try:
                     handler(*args)
                 except BaseException:  # a handler bug must not stop the reading
                     log.exception("torchrpc: unhandled error in %s", getattr(handler, "__qualname__", handler))
+                if time.perf_counter() - started > QUICK_S:
+                    served = FLUSH_AFTER  # only quick requests' replies wait for company
                 del job, handler, args
             if busy.pop(role, None) is None:
-                return  # handed on: another thread reads now
+                # handed on: another thread reads now; replies this thread deferred after
+                # its successor looked are ours to send
+                if conn.has_deferred:
+                    try:
+                        conn.flush()
+                    except ConnectionClosed:
+                        pass  # the reader reports it
+                return
 
     @staticmethod
     def _poll(conn: Connection) -> bool:
