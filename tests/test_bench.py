@@ -38,7 +38,7 @@ def test_bench_smoke_prints_table_and_json_lines(tmp_path):
     for wid in ("W1", "W2", "W3", "W4", "W5", "W6"):
         assert re.search(rf"^{wid} \S", table, re.MULTILINE), f"{wid} missing from the table\n{report}"
     for needle in ("torchrpc/torch", "one process", "torchrpc/one-process", "torch/one-process",
-                   "F1 TCP ping-pong", "F2 tensor copy"):
+                   "F1 TCP ping-pong", "F2 tensor copy", "F3 TCP ping-pong, polling"):
         assert needle in table, f"{needle!r} missing from the table\n{report}"
     assert "FAILED" not in table, report
 
@@ -59,6 +59,6 @@ def test_bench_smoke_prints_table_and_json_lines(tmp_path):
     assert w5["ratio_torchrpc_over_one_process"] > 0 and w5["ratio_torch_over_one_process"] > 0
 
     floors = {r["workload"]: r for r in rows if r["kind"] == "floor"}
-    assert set(floors) == {"F1", "F2"}
+    assert set(floors) == {"F1", "F2", "F3"}
     for row in floors.values():
         assert row["floor"]["median"] > 0 and row["floor"]["values"], row

@@ -66,6 +66,8 @@ FLOORS: dict[str, tuple[str, str, Metric]] = {
            Metric("p50_us", "p50 round trip", "us", "lower")),
     "F2": ("tensor copy", "64 MiB in-process dst.copy_(src), size / time",
            Metric("gbps", "64 MiB", "GB/s", "higher")),
+    "F3": ("TCP ping-pong, polling", "as F1, each side polling its socket up to 200 us before blocking",
+           Metric("poll_p50_us", "p50 round trip", "us", "lower")),
 }
 
 BACKENDS = ("torchrpc", "torch")

@@ -329,10 +329,26 @@ def copy_floor(p: dict, stage: Stage) -> dict:
     return {"gbps": p["nbytes"] / (percentile(times, 50) / 1e9) / 1e9}
 
 
-def _recv_exact(sock: socket.socket, buf: memoryview) -> bool:
+#: The polling ping-pong's wait before blocking (torchrpc's readers default to the same).
+POLL_S = 200e-6
+#: A message starting with this byte switches the echo server to polling.
+_POLL_SWITCH = 0xFF
+
+
+def _recv_exact(sock: socket.socket, buf: memoryview, poll_s: float = 0.0) -> bool:
+    """Fill ``buf``; with ``poll_s``, poll the socket that long before each blocking read."""
     got = 0
     while got < len(buf):
-        k = sock.recv_into(buf[got:])
+        k = None
+        if poll_s:
+            end = time.perf_counter() + poll_s
+            while k is None and time.perf_counter() < end:
+                try:
+                    k = sock.recv_into(buf[got:], 0, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    pass
+        if k is None:
+            k = sock.recv_into(buf[got:])
         if k == 0:
             return False
         got += k
@@ -353,13 +369,17 @@ def tcp_server(p: dict, stage: Stage) -> dict:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         buf = memoryview(bytearray(p["msg_bytes"]))
         stage("echo")
-        while _recv_exact(conn, buf):
+        poll_s = 0.0
+        while _recv_exact(conn, buf, poll_s):
+            if buf[0] == _POLL_SWITCH:
+                poll_s = POLL_S
             conn.sendall(buf)
     return {}
 
 
 def tcp_client(p: dict, stage: Stage) -> dict:
-    """Raw TCP ping-pong of small messages with TCP_NODELAY: time per round trip."""
+    """Raw TCP ping-pong of small messages with TCP_NODELAY: time per round trip, with both
+    sides blocking in ``recv``, then with both polling for up to ``POLL_S`` first."""
     deadline = time.monotonic() + p["accept_timeout"]
     stage("connect")
     while True:
@@ -376,20 +396,26 @@ def tcp_client(p: dict, stage: Stage) -> dict:
         msg = bytes(range(256)) * (p["msg_bytes"] // 256 + 1)
         msg = msg[:p["msg_bytes"]]
         buf = memoryview(bytearray(p["msg_bytes"]))
-        stage("warm-up")
-        for _ in range(p["warmup"]):
-            sock.sendall(msg)
-            if not _recv_exact(sock, buf):
-                raise ConnectionError("server closed")
-        stage("timing")
-        times = []
-        for _ in range(p["iters"]):
-            t0 = _ns()
-            sock.sendall(msg)
-            _recv_exact(sock, buf)
-            times.append(_ns() - t0)
+        out = {}
+        for key, poll_s in (("p50_us", 0.0), ("poll_p50_us", POLL_S)):
+            if poll_s:
+                sock.sendall(bytes([_POLL_SWITCH]) + msg[1:])
+                _recv_exact(sock, buf)
+            stage(f"warm-up {key}")
+            for _ in range(p["warmup"]):
+                sock.sendall(msg)
+                if not _recv_exact(sock, buf, poll_s):
+                    raise ConnectionError("server closed")
+            stage(f"timing {key}")
+            times = []
+            for _ in range(p["iters"]):
+                t0 = _ns()
+                sock.sendall(msg)
+                _recv_exact(sock, buf, poll_s)
+                times.append(_ns() - t0)
+            out[key] = percentile(times, 50) / 1e3
         sock.shutdown(socket.SHUT_WR)
-    return {"p50_us": percentile(times, 50) / 1e3}
+    return out
 
 
 def floors_client(p: dict, stage: Stage) -> dict:
