@@ -821,13 +821,8 @@ class Agent:
             if conn.has_deferred and (served >= FLUSH_AFTER or not conn.pending_input()):
                 served = 0
                 busy[role] = role  # a flush that would wait hands the reading on first
-                try:
-                    conn.flush()
-                except ConnectionClosed as e:
-                    busy.pop(role, None)
-                    self._on_connection_lost(peer, conn, str(e))
-                    return
-                if busy.pop(role, None) is None:
+                flushed = self._flush(peer, conn)
+                if busy.pop(role, None) is None or not flushed:
                     return
             served += 1
             if served_request and spin > 0 and SPIN_S and not conn.pending_input():
@@ -872,11 +867,17 @@ class Agent:
                 # handed on: another thread reads now; replies this thread deferred after
                 # its successor looked are ours to send
                 if conn.has_deferred:
-                    try:
-                        conn.flush()
-                    except ConnectionClosed:
-                        pass  # the reader reports it
+                    self._flush(peer, conn)
                 return
+
+    def _flush(self, peer: int, conn: Connection) -> bool:
+        """Send ``conn``'s deferred frames; False if the connection broke (reported lost)."""
+        try:
+            conn.flush()
+            return True
+        except ConnectionClosed as e:
+            self._on_connection_lost(peer, conn, str(e))
+            return False
 
     @staticmethod
     def _poll(conn: Connection) -> bool:

@@ -198,25 +198,32 @@ class TCPConnection(Connection):
                     views[0] = first[n:]
                     n = 0
 
-    def _fill(self, flags: int = 0) -> int:
-        """One read from the socket into the free end of the receive buffer; bytes read
-        (0 when ``MSG_DONTWAIT`` finds nothing). Raises ConnectionClosed at the end."""
-        if self._r0 == self._r1:
-            self._r0 = self._r1 = 0
-        elif self._r1 == _RBUF_BYTES:  # full at the end: move what is left to the front
-            n = self._r1 - self._r0
-            self._rbuf[:n] = self._rview[self._r0:self._r1]
-            self._r0, self._r1 = 0, n
+    def _recv_some(self, view: memoryview, flags: int = 0) -> int:
+        """One read from the socket into ``view``: bytes read (0 when ``MSG_DONTWAIT`` finds
+        nothing). Raises ConnectionClosed at the end of the connection."""
         try:
-            n = self._sock.recv_into(self._rview[self._r1:], 0, flags)
-        except (BlockingIOError, InterruptedError):
+            n = self._sock.recv_into(view, 0, flags)
+        except BlockingIOError:
             return 0
         except (OSError, ValueError) as e:
             raise ConnectionClosed(f"connection to {self.peer} broke: {e}") from e
         if not n:
             raise ConnectionClosed(f"connection to {self.peer} closed")
-        self._r1 += n
         self.bytes_arriving += n
+        return n
+
+    def _compact(self) -> None:
+        """Move the unread bytes to the front of the receive buffer."""
+        left = self._r1 - self._r0
+        self._rbuf[:left] = self._rview[self._r0:self._r1]
+        self._r0, self._r1 = 0, left
+
+    def _fill(self, flags: int = 0) -> int:
+        """One read into the free end of the receive buffer (see :meth:`_recv_some`)."""
+        if self._r1 == _RBUF_BYTES or self._r0 == self._r1:
+            self._compact()
+        n = self._recv_some(self._rview[self._r1:], flags)
+        self._r1 += n
         return n
 
     def _read_exact(self, buf: memoryview) -> None:
@@ -232,24 +239,15 @@ class TCPConnection(Connection):
             if got == total:
                 return
             if total - got >= _RBUF_BYTES // 2:
-                try:
-                    n = self._sock.recv_into(buf[got:])
-                except (OSError, ValueError) as e:
-                    raise ConnectionClosed(f"connection to {self.peer} broke: {e}") from e
-                if not n:
-                    raise ConnectionClosed(f"connection to {self.peer} closed")
-                got += n
-                self.bytes_arriving += n
+                got += self._recv_some(buf[got:])
             else:
                 self._fill()
 
-    def _take(self, n: int) -> bytes:
+    def _take(self, n: int) -> bytearray:
         """The next ``n`` bytes (n <= the buffer's size), as a copy."""
         while self._r1 - self._r0 < n:
-            if self._r1 == _RBUF_BYTES or _RBUF_BYTES - self._r0 < n:
-                left = self._r1 - self._r0
-                self._rbuf[:left] = self._rview[self._r0:self._r1]
-                self._r0, self._r1 = 0, left
+            if _RBUF_BYTES - self._r0 < n:
+                self._compact()
             self._fill()
         b = self._rbuf[self._r0:self._r0 + n]
         self._r0 += n
