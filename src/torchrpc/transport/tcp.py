@@ -327,8 +327,7 @@ class TCPConnection(Connection):
                 frame.append(self._recv_shm(n & ~_SHM_BIT))
                 continue
             if n <= self._r1 - self._r0:  # all here already: one copy out of the buffer
-                frame.append(self._rbuf[self._r0:self._r0 + n])
-                self._r0 += n
+                frame.append(self._take(n))
                 continue
             try:
                 # A large buffer comes from numpy.empty: its pages are only committed as the
