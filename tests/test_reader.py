@@ -107,3 +107,107 @@ def test_no_reply_stays_deferred_when_the_reading_changes_hands():
     # frame on the connection (here: none until a 10 s timeout).
     out = run_workers(_replies_while_reading_changes_hands, 2, timeout=80)[0]
     assert out == {"ok": True}
+
+
+# --- the thread that waits for a reply reads it itself (Agent.wait_reply) ------------------
+
+
+def _sync_calls_read_by_the_caller(rank, world_size):
+    led = []
+    orig = agent_mod.Agent._lead
+
+    def counting_lead(self, role, fut):
+        led.append(role.peer)
+        return orig(self, role, fut)
+
+    agent_mod.Agent._lead = counting_lead
+    init(rank, world_size)
+    out = {}
+    if rank == 0:
+        agent = rpc.api.current.agent()
+        out["sums"] = [rpc.rpc_sync("worker1", add, args=(i, i)) for i in range(300)] == [2 * i for i in range(300)]
+        out["left_free"] = 1 in agent._free
+        r = rpc.remote("worker1", make_tracked, args=("mine",))
+        out["to_here"] = [r.to_here().tag for _ in range(50)] == ["mine"] * 50
+        out["led_by_worker0"] = sum(1 for p in led if p == 1)
+    rpc.shutdown()
+    return out
+
+
+def test_a_thread_waiting_for_its_reply_reads_it_itself():
+    out = run_workers(_sync_calls_read_by_the_caller, 2, timeout=60)[0]
+    led = out.pop("led_by_worker0")
+    assert out == {"sums": True, "left_free": True, "to_here": True}
+    # the first calls may find a pool thread reading; after that the caller leads each one
+    assert led >= 300
+
+
+FLAG = []
+
+
+def set_flag(value):
+    FLAG.append(value)
+    return value
+
+
+def call_back_later(caller, delay, value):
+    """Runs on worker1: a thread calls ``set_flag`` on the caller ``delay`` s from now."""
+    import threading
+    import time
+
+    def later():
+        time.sleep(delay)
+        rpc.rpc_sync(caller, set_flag, args=(value,))
+
+    threading.Thread(target=later, daemon=True).start()
+    return True
+
+
+def _peer_request_while_free(rank, world_size):
+    init(rank, world_size)
+    out = {}
+    if rank == 0:
+        import time
+
+        agent = rpc.api.current.agent()
+        assert rpc.rpc_sync("worker1", call_back_later, args=("worker0", 0.3, "hello"))
+        out["free_after_call"] = 1 in agent._free  # nobody reads worker1's connection now
+        deadline = time.monotonic() + 20
+        while not FLAG and time.monotonic() < deadline:
+            time.sleep(0.01)
+        out["flag"] = list(FLAG)
+    rpc.shutdown()
+    return out
+
+
+def test_a_request_the_peer_starts_is_served_while_the_reading_is_free():
+    # only the monitor can pick the free reading up here: worker0 sends nothing more
+    out = run_workers(_peer_request_while_free, 2, timeout=60)[0]
+    assert out == {"free_after_call": True, "flag": ["hello"]}
+
+
+def _async_after_sync(rank, world_size):
+    agent_mod.FREE_FOR = 1e9  # the monitor never picks a free reading up
+    init(rank, world_size)
+    out = {}
+    if rank == 0:
+        import torch
+
+        agent = rpc.api.current.agent()
+        rpc.rpc_sync("worker1", add, args=(1, 1))
+        out["free"] = 1 in agent._free
+        # torch's wait_all waits in C++: only a reader that the requests claimed reads these
+        futs = [rpc.rpc_async("worker1", add, args=(i, 1)) for i in range(20)]
+        out["async"] = torch.futures.wait_all(futs) == list(range(1, 21))
+        rpc.rpc_sync("worker1", add, args=(1, 1))
+        done = []
+        fut = rpc.rpc_async("worker1", add, args=(2, 2))
+        fut.then(lambda f: done.append(f.value())).wait()  # a callback, nobody waiting on fut itself
+        out["then"] = done
+    rpc.shutdown()
+    return out
+
+
+def test_async_replies_are_read_when_the_reading_was_left_free():
+    out = run_workers(_async_after_sync, 2, timeout=60)[0]
+    assert out == {"free": True, "async": True, "then": [4]}

@@ -329,6 +329,28 @@ def test_pending_input_means_a_whole_frame(listener):
         conn.close()
 
 
+def test_wait_input_returns_on_input_on_buffered_bytes_and_at_the_end(listener):
+    sock, conn = raw_client(listener)
+    try:
+        assert not conn.wait_input(0.05)  # nothing came
+        waiter = Bg(conn.wait_input, 10.0)
+        time.sleep(0.05)
+        sock.sendall(struct.pack("<I1Q", 1, 2) + b"ab" + struct.pack("<I1Q", 1, 1))
+        assert waiter.result() is True
+        assert as_bytes(conn.recv()) == [b"ab"]
+        assert conn.wait_input(0.0)  # the next frame's start is in the receive buffer already
+        sock.sendall(b"c")
+        assert as_bytes(conn.recv()) == [b"c"]
+        sock.close()
+        assert conn.wait_input(10.0)  # the end of the connection counts: recv reports it
+        with pytest.raises(ConnectionClosed):
+            conn.recv()
+    finally:
+        sock.close()
+        conn.close()
+    assert conn.wait_input(0.0)  # closed here: recv reports it at once
+
+
 def test_receive_buffer_many_frames_in_one_read_and_frames_split_byte_by_byte(listener):
     sock, conn = raw_client(listener)
     try:

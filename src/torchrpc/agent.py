@@ -15,8 +15,14 @@ Threads, and what each may do:
 * a watchdog: fails calls that ran past their timeout.
 * an acceptor: takes the connections of higher-ranked workers during start-up.
 
-Calls are sent from the caller's own thread; ``rpc_sync`` then waits on its
-future, which the reader completes: one thread hand-off each way.
+Calls are sent from the caller's own thread. A thread that then waits for the
+reply (``rpc_sync``, ``to_here``, an RRef's future, a backward request) reads the
+connection itself when nobody else does (:meth:`Agent.wait_reply`), polling before
+it blocks: no thread has to wake another to hand it the reply. Once nothing is
+expected on a connection, the reading is left free for the next such thread; a
+request that nobody will wait for at once takes it for a pool thread, and the
+monitor gives a reading left free to a pool thread after ``FREE_FOR`` (for
+requests the peer starts).
 """
 from __future__ import annotations
 
@@ -48,7 +54,7 @@ from .autograd.context import current_context_id, use_context
 from .autograd.service import DistAutograd
 from .protocol.rref_context import ForkData, OwnerRRef, RRefContext, UserRRef
 from .transport import Connection, ConnectionClosed, connect, listen
-from .transport.base import set_block_hook
+from .transport.base import block_hook, set_block_hook
 from .transport.tls import TLSConfig
 from .worker_info import WorkerInfo
 
@@ -136,6 +142,12 @@ QUICK_S = 200e-6
 #: last one within this time. 0 turns polling off.
 SPIN_S = float(os.environ.get("TORCHRPC_SPIN_US", "200")) / 1e6
 MONITOR_PARK_AFTER = 0.25
+#: A connection's reading left free (Agent._leave_free) goes to a pool thread once it has
+#: stayed free this long, for requests the peer starts; the monitor looks every HANDOFF_AFTER.
+FREE_FOR = HANDOFF_AFTER
+#: A thread reading its own reply (Agent._lead) looks at its future this often while no
+#: frame comes: a timeout or a failure may end it without one.
+LEAD_WAIT_S = 0.05
 
 
 class UnknownWorkerError(RPCError, ValueError):
@@ -143,14 +155,33 @@ class UnknownWorkerError(RPCError, ValueError):
 
 
 class _Pending:
-    __slots__ = ("dest", "desc", "deadline", "timeout", "callback")
+    __slots__ = ("dest", "desc", "deadline", "timeout", "callback", "claim")
 
-    def __init__(self, dest: int, desc: str, deadline: float, timeout: float, callback: ReplyCallback) -> None:
+    def __init__(self, dest: int, desc: str, deadline: float, timeout: float, callback: ReplyCallback,
+                 claim: bool = True) -> None:
         self.dest = dest
         self.desc = desc
         self.deadline = deadline
         self.timeout = timeout
         self.callback = callback
+        #: whether a reader must be found for the reply at once (see Agent._request)
+        self.claim = claim
+
+
+class ReplyFuture(torch.futures.Future):
+    """The Future of a request whose reply the thread that waits for it may read itself:
+    ``wait()`` takes the reading of the destination's connection when nobody holds it
+    (see :meth:`Agent.wait_reply`)."""
+
+    def __init__(self, agent: "Agent", dest: int) -> None:
+        super().__init__()
+        self._agent = agent
+        self._dest = dest
+
+    def wait(self) -> Any:
+        if not self.done():
+            self._agent.wait_reply(self, self._dest)
+        return super().wait()
 
 
 class _ReadRole:
@@ -158,12 +189,13 @@ class _ReadRole:
     holder handles a frame the role is in ``Agent._busy``; whoever pops it from there
     (the holder, done; or a hand-off) decides who reads next."""
 
-    __slots__ = ("peer", "conn", "since")
+    __slots__ = ("peer", "conn", "since", "spin")
 
     def __init__(self, peer: int, conn: Connection) -> None:
         self.peer = peer
         self.conn = conn
-        self.since = 0.0
+        self.since = 0.0  # when its holder took the frame it handles, or when it was left free
+        self.spin = 1  # polls while the last polls found input (see SPIN_S)
 
 
 class _Idle:
@@ -261,6 +293,7 @@ class _Pool:
 
 
 _STOP = object()
+_LED: Any = object()
 
 #: Requests a reader serves inline (until they wait: see Agent._read); the others, which
 #: may wait on other messages (the autograd passes), go to a pool thread at once.
@@ -372,6 +405,7 @@ class Agent:
         self._pool = _Pool(options.num_worker_threads, f"torchrpc-{name}")
         self._listener = None
         self._busy: dict[_ReadRole, _ReadRole] = {}  # readers handling a frame (see _read)
+        self._free: dict[int, _ReadRole] = {}  # peer -> the reading of a connection nobody reads now
         self._monitor_wake = threading.Event()
         self._monitor_parked = False
 
@@ -520,15 +554,23 @@ class Agent:
             return self._conns.get(dest)
 
     def _request(self, dest: int, msg: m.Message, timeout: float, desc: str, callback: ReplyCallback,
-                 autograd: Optional[AutogradTag] = None, defer: bool = False) -> int:
-        """Send a request; ``callback(reply, error)`` runs exactly once (reply, timeout or failure)."""
+                 autograd: Optional[AutogradTag] = None, defer: bool = False, claim: bool = True) -> int:
+        """Send a request; ``callback(reply, error)`` runs exactly once (reply, timeout or failure).
+
+        If nobody reads ``dest``'s connection now (see :meth:`_leave_free`), ``claim`` gives
+        the reading to a pool thread at once; without it the reply waits for a thread that
+        waits for it (:meth:`wait_reply`), or for the monitor (``FREE_FOR``)."""
         if not defer:
             self._hand_off_reading()  # a reader that sends a request likely waits for the reply
             if self._deletes:
                 self._send_deletes(dest)
         msg_id = msg.msg_id = next(self._ids)
         deadline = time.monotonic() + timeout if timeout > 0 else 0.0
-        self._pending[msg_id] = _Pending(dest, desc, deadline, timeout, callback)
+        self._pending[msg_id] = _Pending(dest, desc, deadline, timeout, callback, claim)
+        if claim and self._free:  # after the entry above: see _leave_free
+            role = self._free.pop(dest, None)
+            if role is not None:
+                self._pool.submit(self._read_loop, dest, role.conn, role)
         if deadline:
             with self._deadline_lock:
                 heapq.heappush(self._deadlines, (deadline, msg_id))
@@ -560,7 +602,7 @@ class Agent:
         """Run ``func(*args, **kwargs)`` on worker ``to`` and return its result."""
         dest, timeout = self._call_target(to, timeout)
         if not profiling.enabled():
-            return self._call(dest, func, args, kwargs, timeout, False).wait()
+            return self._call(dest, func, args, kwargs, timeout, False, lead=True).wait()
         return profiling.profiled_sync(self._event("sync", func, dest),
                                        lambda: self._call(dest, func, args, kwargs, timeout, True))
 
@@ -573,13 +615,15 @@ class Agent:
         return self.worker_info(to).id, self._timeout(timeout)
 
     def _call(self, dest: int, func: Callable, args: tuple, kwargs: dict, timeout: float,
-              profiled: bool) -> torch.futures.Future:
+              profiled: bool, lead: bool = False) -> torch.futures.Future:
+        """Send the call; with ``lead``, the caller waits for it at once and reads the reply itself."""
         session = _SendSession(self.ctx, current_context_id(), dest)
         payload = self._dumps_request(func, args, kwargs, session, dest)
-        fut: torch.futures.Future = torch.futures.Future()
+        fut: torch.futures.Future = ReplyFuture(self, dest) if lead else torch.futures.Future()
         try:
             self._request(dest, m.PythonCall(0, payload, profiled), timeout, func_name(func),
-                          self._value_reply(fut, dest, m.PythonReturn), self._autograd_tag(session, dest))
+                          self._value_reply(fut, dest, m.PythonReturn), self._autograd_tag(session, dest),
+                          claim=not lead)
         except BaseException:
             session.cancel()
             raise
@@ -645,8 +689,8 @@ class Agent:
         self._check_open()
         dest = self.worker_info(to).id
         timeout = self._timeout(timeout)
-        created: torch.futures.Future = torch.futures.Future()
         context_id = current_context_id()
+        created: torch.futures.Future = ReplyFuture(self, dest) if dest != self.rank else torch.futures.Future()
         if dest == self.rank:
             owner = OwnerRRef(self.ctx.new_id())
             self._pool.submit(self._run_into_owner, func, args, kwargs, owner, created, context_id)
@@ -673,8 +717,9 @@ class Agent:
                 created.set_exception(self._reply_error(reply, dest))
 
         try:
+            # the creation is awaited by to_here() or the RRef's future, which read the reply
             self._request(dest, m.RemoteCall(0, user.rref_id, user.fork_id, payload), timeout, func_name(func), on_reply,
-                          self._autograd_tag(session, dest))
+                          self._autograd_tag(session, dest), claim=False)
         except BaseException as e:
             session.cancel()
             self.ctx.confirm_remote_user(fork_id, e)
@@ -710,7 +755,7 @@ class Agent:
         """
         self._check_open()
         timeout = self._timeout(timeout)
-        fut: torch.futures.Future = torch.futures.Future()
+        fut: torch.futures.Future = ReplyFuture(self, user.owner_id)
         if user.error is not None:
             fut.set_exception(user.error)
             return fut
@@ -720,7 +765,8 @@ class Agent:
         if cid is not None:
             self.autograd.touch(cid, dest)
         msg_id = self._request(dest, m.RRefFetchCall(0, user.rref_id), timeout, "RRef.to_here",
-                               self._value_reply(fut, dest, m.RRefFetchReturn), None if cid is None else AutogradTag(cid))
+                               self._value_reply(fut, dest, m.RRefFetchReturn), None if cid is None else AutogradTag(cid),
+                               claim=False)
         if created is not None:
             def creation_done(f: torch.futures.Future) -> None:
                 try:
@@ -776,7 +822,8 @@ class Agent:
         if self.rpc_timeout:
             timeout = min(timeout, self.rpc_timeout)
         try:
-            self._request(dest, msg, timeout, type(msg).__name__, on_reply, defer=defer)
+            # an ack nobody waits for (a delete, a cleanup) can wait for the next reader
+            self._request(dest, msg, timeout, type(msg).__name__, on_reply, defer=defer, claim=on_done is not None)
         except BaseException as e:
             on_reply(None, e)
 
@@ -795,63 +842,53 @@ class Agent:
 
     # --- receiving --------------------------------------------------------------------
 
-    def _read_loop(self, peer: int, conn: Connection) -> None:
-        """Hold the reading of ``conn`` until it is handed on (see :meth:`_read`)."""
-        role = _ReadRole(peer, conn)
+    def _read_loop(self, peer: int, conn: Connection, role: Optional[_ReadRole] = None,
+                   job: Optional[tuple[Callable, tuple]] = None) -> None:
+        """Hold the reading of ``conn`` until it is handed on (see :meth:`_read`); ``role`` and
+        ``job`` are the reading and the request a leader handed over (see :meth:`_lead`)."""
+        role = role or _ReadRole(peer, conn)
         _tls.role = role
         set_block_hook(self._hand_off_reading)
         try:
-            self._read(role)
+            self._read(role, job)
         finally:
             _tls.role = None
             set_block_hook(None)
 
-    def _read(self, role: _ReadRole) -> None:
+    def _read(self, role: _ReadRole, job: Optional[tuple[Callable, tuple]] = None) -> None:
         """Read frames; complete replies and serve small requests here, inline.
 
         Leader/follower: before a request that may block, the reading is queued for
         another pool thread, so reading never waits for user code; this thread then
-        serves the request and goes back to the pool.
+        serves the request and goes back to the pool. After a reply that a waiting
+        thread reads for itself next time, the reading may be left free (:meth:`_leave_free`).
         """
         peer, conn, busy = role.peer, role.conn, self._busy
         served = FLUSH_AFTER  # first flush what a reader before us left deferred
-        served_request = False
-        spin = 1  # polls while the last polls found the next request (see SPIN_S)
+        served_request = job is not None
         while True:
-            if conn.has_deferred and (served >= FLUSH_AFTER or not conn.pending_input()):
-                served = 0
-                busy[role] = role  # a flush that would wait hands the reading on first
-                flushed = self._flush(peer, conn)
-                if busy.pop(role, None) is None or not flushed:
+            if job is None:
+                if conn.has_deferred and (served >= FLUSH_AFTER or not conn.pending_input()):
+                    served = 0
+                    busy[role] = role  # a flush that would wait hands the reading on first
+                    flushed = self._flush(peer, conn)
+                    if busy.pop(role, None) is None or not flushed:
+                        return
+                served += 1
+                if served_request and role.spin > 0 and SPIN_S and not conn.pending_input():
+                    self._spin(role)
+                frame = self._next_frame(role)
+                if frame is None:
                     return
-            served += 1
-            if served_request and spin > 0 and SPIN_S and not conn.pending_input():
-                spin = min(spin + 1, 4) if self._poll(conn) else spin - 1
-            blocked = time.perf_counter()
-            try:
-                frame = conn.recv()
-            except ConnectionClosed as e:
-                self._on_connection_lost(peer, conn, str(e))
-                return
-            except BaseException as e:  # pragma: no cover - a bug
-                self._reader_failed(peer, conn, e)
-                return
-            if spin <= 0 and time.perf_counter() - blocked < SPIN_S:
-                spin = 1  # polling would have found this one
-            role.since = time.monotonic()
-            busy[role] = role
-            if self._monitor_parked:
-                self._monitor_parked = False
-                self._monitor_wake.set()
-            try:
-                job = self._dispatch(peer, frame)
-            except BaseException as e:  # pragma: no cover - a bug
-                busy.pop(role, None)
-                self._reader_failed(peer, conn, e)
-                return
-            del frame
-            served_request = job is not None
-            if job is not None:
+                try:
+                    job = self._dispatch(peer, frame)
+                except BaseException as e:  # pragma: no cover - a bug
+                    busy.pop(role, None)
+                    self._reader_failed(peer, conn, e)
+                    return
+                del frame
+            served_request = job is not None and job is not _LED
+            if served_request:
                 handler, args = job
                 if type(args[1]) not in _INLINE:
                     self._hand_off_reading()
@@ -862,13 +899,117 @@ class Agent:
                     log.exception("torchrpc: unhandled error in %s", getattr(handler, "__qualname__", handler))
                 if time.perf_counter() - started > QUICK_S:
                     served = FLUSH_AFTER  # only quick requests' replies wait for company
-                del job, handler, args
+                del handler, args
             if busy.pop(role, None) is None:
                 # handed on: another thread reads now; replies this thread deferred after
                 # its successor looked are ours to send
                 if conn.has_deferred:
                     self._flush(peer, conn)
                 return
+            if job is _LED and self._leave_free(role):
+                return
+            job = None
+
+    def _next_frame(self, role: _ReadRole, wait: Optional[float] = None) -> Optional[list]:
+        """Read the next frame of ``role``'s connection and mark the role busy with it. None
+        if the connection ended (reported lost), or if nothing came within ``wait`` s."""
+        conn = role.conn
+        blocked = time.perf_counter()
+        try:
+            if wait is not None and not conn.pending_input() and not conn.wait_input(wait):
+                return None
+            frame = conn.recv()
+        except ConnectionClosed as e:
+            self._on_connection_lost(role.peer, conn, str(e))
+            return None
+        except BaseException as e:  # pragma: no cover - a bug
+            self._reader_failed(role.peer, conn, e)
+            return None
+        if role.spin <= 0 and time.perf_counter() - blocked < SPIN_S:
+            role.spin = 1  # polling would have found this one
+        role.since = time.monotonic()
+        self._busy[role] = role
+        self._wake_monitor()
+        return frame
+
+    def _spin(self, role: _ReadRole) -> None:
+        """Poll ``role``'s connection; poll longer next time if input came, less if not."""
+        role.spin = min(role.spin + 1, 4) if self._poll(role.conn) else role.spin - 1
+
+    def _wake_monitor(self) -> None:
+        if self._monitor_parked:
+            self._monitor_parked = False
+            self._monitor_wake.set()
+
+    def wait_reply(self, fut: torch.futures.Future, dest: int) -> None:
+        """Wait for ``fut``, the reply of a request to ``dest``. If nobody reads ``dest``'s
+        connection now, this thread reads it until the reply is in: the thread that needs
+        the reply is the one that wakes (or, polling, none does) instead of a reader that
+        would then have to wake it. Otherwise the reader completes ``fut`` as usual."""
+        if not fut.done() and self._free:
+            role = self._free.pop(dest, None)
+            if role is not None:
+                self._lead(role, fut)
+
+    def _lead(self, role: _ReadRole, fut: torch.futures.Future) -> None:
+        """Read ``role``'s connection on this (waiting) thread until ``fut`` is done, then let
+        the reading go. A request that arrives first goes to a pool thread with the reading,
+        to be served as a reader serves it; this thread then just waits."""
+        peer, conn, busy = role.peer, role.conn, self._busy
+        prev_role, prev_hook = getattr(_tls, "role", None), block_hook()
+        _tls.role = role
+        set_block_hook(self._hand_off_reading)
+        try:
+            while not fut.done():
+                if role.spin > 0 and SPIN_S and not conn.pending_input():
+                    self._spin(role)
+                # in slices: the future may also end without a frame (a timeout, a failure)
+                frame = self._next_frame(role, LEAD_WAIT_S)
+                if frame is None:
+                    if peer in self._conns and self._conns[peer] is conn:
+                        continue
+                    return  # the connection is gone; its calls have failed
+                try:
+                    job = self._dispatch(peer, frame)
+                except BaseException as e:  # pragma: no cover - a bug
+                    busy.pop(role, None)
+                    self._reader_failed(peer, conn, e)
+                    return
+                del frame
+                if job is not None and job is not _LED:
+                    self._pool.submit(self._read_loop, peer, conn, role, job)  # it is still busy: see _read
+                    return
+                if busy.pop(role, None) is None:
+                    return  # a callback ran long and the monitor handed the reading on
+            if not self._leave_free(role):
+                self._pool.submit(self._read_loop, peer, conn, role)
+        finally:
+            _tls.role = prev_role
+            set_block_hook(prev_hook)
+
+    def _leave_free(self, role: _ReadRole) -> bool:
+        """Leave ``role``'s connection without a reader if nothing is expected on it: no
+        request of ours to that peer is waiting for a reply, and nothing has arrived. The
+        next request to the peer takes the reading (:meth:`_request`, :meth:`wait_reply`);
+        the monitor gives it to a pool thread after ``FREE_FOR`` (for requests the peer
+        starts). Whether the reading was left (False: the caller keeps reading)."""
+        conn, peer = role.conn, role.peer
+        if conn.has_deferred or self._closing or self._expects(peer) or conn.pending_input():
+            return False
+        role.since = time.monotonic()
+        self._free[peer] = role
+        # A request registered after the check above may have looked for a free reading
+        # before it was there: look again, and take the reading back if one did. (Not at
+        # the connection: once the reading is free, another thread may be reading it.)
+        if self._expects(peer):
+            return self._free.pop(peer, None) is not role
+        self._wake_monitor()
+        return True
+
+    def _expects(self, peer: int) -> bool:
+        """Whether a request of ours to ``peer`` waits for its reply (assumed, past 64 requests)."""
+        pending = list(self._pending.values())
+        return len(pending) > 64 or any(p.dest == peer for p in pending)
 
     def _flush(self, peer: int, conn: Connection) -> bool:
         """Send ``conn``'s deferred frames; False if the connection broke (reported lost)."""
@@ -905,28 +1046,36 @@ class Agent:
 
     def _reader_monitor(self) -> None:
         """Hand the reading on for readers stuck in a frame (user code that blocks, a lock):
-        the connection's other messages must not wait for them. Polls while readers are
-        active; parks after ``MONITOR_PARK_AFTER`` s without one (waking it costs a switch)."""
-        busy = self._busy
+        the connection's other messages must not wait for them; and give readings left free
+        to pool threads once they stayed free ``HANDOFF_AFTER`` s (for requests the peer
+        starts). Polls while readers are active or readings free; parks after
+        ``MONITOR_PARK_AFTER`` s without either (waking it costs a switch)."""
+        busy, free = self._busy, self._free
         quiet_since = time.monotonic()
         while not self._stop.is_set():
             time.sleep(HANDOFF_AFTER)
             now = time.monotonic()
-            if busy:
+            if busy or free:
                 quiet_since = now
                 for role in list(busy):
                     if now - role.since >= HANDOFF_AFTER:
                         self._pass_reading(role)
+                for peer, role in list(free.items()):
+                    if now - role.since >= FREE_FOR:
+                        taken = free.pop(peer, None)
+                        if taken is not None:
+                            self._pool.submit(self._read_loop, peer, taken.conn, taken)
             elif now - quiet_since >= MONITOR_PARK_AFTER:
                 self._monitor_wake.clear()
                 self._monitor_parked = True
-                if not busy:  # a reader that became busy before we parked has seen the flag
+                if not busy and not free:  # a reader that became busy before we parked has seen the flag
                     self._monitor_wake.wait()
                 self._monitor_parked = False
                 quiet_since = time.monotonic()
 
-    def _dispatch(self, src: int, frame: list) -> Optional[tuple[Callable, tuple]]:
-        """Decode a frame; complete a reply's future here, or return the request's handler to run."""
+    def _dispatch(self, src: int, frame: list) -> Any:
+        """Decode a frame; complete a reply's future here, or return the request's handler to
+        run (``_LED`` after a reply whose waiter reads its replies itself, see _leave_free)."""
         tag: Optional[AutogradTag] = None
         try:
             msg = m.decode(frame)
@@ -954,7 +1103,7 @@ class Agent:
                 self._pending[msg.msg_id] = pending
                 return None
             pending.callback(msg, None)
-            return None
+            return None if pending.claim else _LED
         return handler, (src, msg, tag)
 
     def _on_connection_lost(self, peer: int, conn: Connection, reason: str) -> None:
@@ -1222,10 +1371,11 @@ class Agent:
 
     # --- helpers for the protocol services ---------------------------------------------
 
-    def control(self, dest: int, msg: m.Message) -> torch.futures.Future:
+    def control(self, dest: int, msg: m.Message, lead: bool = False) -> torch.futures.Future:
         """Send a control request; a Future that completes on its ack (None) or its
-        BackwardReturn (the message), or fails with the error."""
-        fut: torch.futures.Future = torch.futures.Future()
+        BackwardReturn (the message), or fails with the error. With ``lead``, the caller
+        waits for it at once (and reads the reply itself)."""
+        fut: torch.futures.Future = ReplyFuture(self, dest) if lead else torch.futures.Future()
 
         def on_reply(reply: Optional[m.Message], error: Optional[BaseException]) -> None:
             if error is None and not isinstance(reply, (m.RRefAck, m.BackwardReturn)):
@@ -1237,7 +1387,7 @@ class Agent:
 
         try:
             self._check_open()
-            self._request(dest, msg, self.rpc_timeout, type(msg).__name__, on_reply)
+            self._request(dest, msg, self.rpc_timeout, type(msg).__name__, on_reply, claim=not lead)
         except BaseException as e:
             fut.set_exception(e)
         return fut
@@ -1326,6 +1476,7 @@ class Agent:
             conns = list(self._conns.values())
             self._conns.clear()
             self._conn_ready.notify_all()
+        self._free.clear()
         for conn in conns:
             conn.close()
         self._stop.set()

@@ -240,13 +240,15 @@ class DistAutograd:
             ctx.accumulate(t, g)
         back: list[Returned] = []
         calls = []
-        for ag_id, grads in outcome.recvs_done.items():
+        going = [(ag_id, grads) for ag_id, grads in outcome.recvs_done.items()]
+        for ag_id, grads in going:
             peer = ctx.recvs[ag_id].peer
             if peer == requester:
                 back.append((ag_id, grads))
             else:
+                # one request alone: this thread waits for it at once, and may read the reply
                 calls.append((peer, self.agent.control(peer, m.PropagateGradients(
-                    0, ctx.context_id, pass_id, ag_id, grads, direct, retain_graph))))
+                    0, ctx.context_id, pass_id, ag_id, grads, direct, retain_graph), lead=len(going) == 1)))
         replies = wait_all([fut for _, fut in calls])
         for (peer, _), reply in zip(calls, replies):
             if reply is not None:
@@ -309,7 +311,7 @@ class DistAutograd:
                              retain_graph: bool) -> None:
         """From a user of an RRef: ask its owner to run backward from its value, and run this
         worker's part from the gradients that come back in the reply."""
-        reply = self.agent.control(owner, m.RRefBackward(0, rref_id, context_id, retain_graph)).wait()
+        reply = self.agent.control(owner, m.RRefBackward(0, rref_id, context_id, retain_graph), lead=True).wait()
         if reply is not None:
             try:
                 self._take_returned(self.contexts.get(context_id), owner, reply, requester=None)

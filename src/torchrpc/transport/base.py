@@ -66,6 +66,12 @@ class Connection(abc.ABC):
         may ask."""
         return False
 
+    def wait_input(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for input (or the end of the connection); whether
+        some came, so that ``recv`` will not wait long. Only the receiving thread may ask.
+        A transport that cannot tell returns True at once (``recv`` then blocks)."""
+        return True
+
     @abc.abstractmethod
     def close(self) -> None:
         """Close both directions; a blocked ``recv`` in another thread returns with ConnectionClosed."""

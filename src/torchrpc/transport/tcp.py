@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import select
 import socket
 import ssl
 import struct
@@ -80,6 +81,8 @@ class TCPConnection(Connection):
         #: set when the peer shares this host's memory (see :func:`_negotiate`)
         self._shm_tx: Optional[shm.ShmSender] = None
         self._shm_rx: Optional[shm.ShmReceiver] = None
+        self._poller = select.poll()
+        self._poller.register(sock.fileno(), select.POLLIN)
 
     @property
     def uses_shm(self) -> bool:
@@ -266,6 +269,16 @@ class TCPConnection(Connection):
             return self._fill(socket.MSG_DONTWAIT) > 0 and self._frame_ready()
         except ConnectionClosed:
             return True
+
+    def wait_input(self, timeout: float) -> bool:
+        if self._closed or self._r1 > self._r0:
+            return True
+        if isinstance(self._sock, ssl.SSLSocket) and self._sock.pending() > 0:
+            return True
+        try:
+            return bool(self._poller.poll(timeout * 1000))
+        except (OSError, ValueError):
+            return True  # recv reports what broke
 
     def _frame_ready(self) -> bool:
         avail = self._r1 - self._r0
