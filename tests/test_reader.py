@@ -164,6 +164,7 @@ def call_back_later(caller, delay, value):
 
 
 def _peer_request_while_free(rank, world_size):
+    agent_mod.FREE_FOR = 0.5  # worker1's request (at 0.3 s) comes while the reading is free
     init(rank, world_size)
     out = {}
     if rank == 0:
@@ -176,6 +177,9 @@ def _peer_request_while_free(rank, world_size):
         while not FLAG and time.monotonic() < deadline:
             time.sleep(0.01)
         out["flag"] = list(FLAG)
+        # a peer that starts requests has its connection kept read: no more free readings
+        rpc.rpc_sync("worker1", add, args=(1, 2))
+        out["free_after_that"] = 1 in agent._free
     rpc.shutdown()
     return out
 
@@ -183,7 +187,7 @@ def _peer_request_while_free(rank, world_size):
 def test_a_request_the_peer_starts_is_served_while_the_reading_is_free():
     # only the monitor can pick the free reading up here: worker0 sends nothing more
     out = run_workers(_peer_request_while_free, 2, timeout=60)[0]
-    assert out == {"free_after_call": True, "flag": ["hello"]}
+    assert out == {"free_after_call": True, "flag": ["hello"], "free_after_that": False}
 
 
 def _async_after_sync(rank, world_size):

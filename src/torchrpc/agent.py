@@ -145,6 +145,8 @@ MONITOR_PARK_AFTER = 0.25
 #: A connection's reading left free (Agent._leave_free) goes to a pool thread once it has
 #: stayed free this long, for requests the peer starts; the monitor looks every HANDOFF_AFTER.
 FREE_FOR = HANDOFF_AFTER
+#: ... and, if a frame was waiting there, the connection is not left free for this long.
+KEEP_READ_S = 1.0
 #: A thread reading its own reply (Agent._lead) looks at its future this often while no
 #: frame comes: a timeout or a failure may end it without one.
 LEAD_WAIT_S = 0.05
@@ -154,18 +156,23 @@ class UnknownWorkerError(RPCError, ValueError):
     """No worker has that name or id."""
 
 
+#: Who reads a request's reply (Agent._request): a pool thread, found at once if nobody
+#: reads the connection (CLAIM); the thread that waits for it (WAITER); or whoever reads
+#: the connection next (ANYONE: an ack nobody waits for).
+CLAIM, WAITER, ANYONE = "claim", "waiter", "anyone"
+
+
 class _Pending:
-    __slots__ = ("dest", "desc", "deadline", "timeout", "callback", "claim")
+    __slots__ = ("dest", "desc", "deadline", "timeout", "callback", "reader")
 
     def __init__(self, dest: int, desc: str, deadline: float, timeout: float, callback: ReplyCallback,
-                 claim: bool = True) -> None:
+                 reader: str = CLAIM) -> None:
         self.dest = dest
         self.desc = desc
         self.deadline = deadline
         self.timeout = timeout
         self.callback = callback
-        #: whether a reader must be found for the reply at once (see Agent._request)
-        self.claim = claim
+        self.reader = reader  # who reads the reply: see Agent._request
 
 
 class ReplyFuture(torch.futures.Future):
@@ -406,6 +413,7 @@ class Agent:
         self._listener = None
         self._busy: dict[_ReadRole, _ReadRole] = {}  # readers handling a frame (see _read)
         self._free: dict[int, _ReadRole] = {}  # peer -> the reading of a connection nobody reads now
+        self._keep_read: dict[int, float] = {}  # peer -> until when its reading is not left free
         self._monitor_wake = threading.Event()
         self._monitor_parked = False
 
@@ -554,20 +562,21 @@ class Agent:
             return self._conns.get(dest)
 
     def _request(self, dest: int, msg: m.Message, timeout: float, desc: str, callback: ReplyCallback,
-                 autograd: Optional[AutogradTag] = None, defer: bool = False, claim: bool = True) -> int:
+                 autograd: Optional[AutogradTag] = None, defer: bool = False, reader: str = CLAIM) -> int:
         """Send a request; ``callback(reply, error)`` runs exactly once (reply, timeout or failure).
 
-        If nobody reads ``dest``'s connection now (see :meth:`_leave_free`), ``claim`` gives
-        the reading to a pool thread at once; without it the reply waits for a thread that
-        waits for it (:meth:`wait_reply`), or for the monitor (``FREE_FOR``)."""
+        If nobody reads ``dest``'s connection now (see :meth:`_leave_free`), ``CLAIM`` gives
+        the reading to a pool thread at once. Otherwise the reply waits for the thread that
+        waits for it (``WAITER``: :meth:`wait_reply`), or for whoever reads next (``ANYONE``),
+        the monitor at the latest (``FREE_FOR``)."""
         if not defer:
             self._hand_off_reading()  # a reader that sends a request likely waits for the reply
             if self._deletes:
                 self._send_deletes(dest)
         msg_id = msg.msg_id = next(self._ids)
         deadline = time.monotonic() + timeout if timeout > 0 else 0.0
-        self._pending[msg_id] = _Pending(dest, desc, deadline, timeout, callback, claim)
-        if claim and self._free:  # after the entry above: see _leave_free
+        self._pending[msg_id] = _Pending(dest, desc, deadline, timeout, callback, reader)
+        if reader is CLAIM and self._free:  # after the entry above: see _leave_free
             role = self._free.pop(dest, None)
             if role is not None:
                 self._pool.submit(self._read_loop, dest, role.conn, role)
@@ -623,7 +632,7 @@ class Agent:
         try:
             self._request(dest, m.PythonCall(0, payload, profiled), timeout, func_name(func),
                           self._value_reply(fut, dest, m.PythonReturn), self._autograd_tag(session, dest),
-                          claim=not lead)
+                          reader=WAITER if lead else CLAIM)
         except BaseException:
             session.cancel()
             raise
@@ -719,7 +728,7 @@ class Agent:
         try:
             # the creation is awaited by to_here() or the RRef's future, which read the reply
             self._request(dest, m.RemoteCall(0, user.rref_id, user.fork_id, payload), timeout, func_name(func), on_reply,
-                          self._autograd_tag(session, dest), claim=False)
+                          self._autograd_tag(session, dest), reader=WAITER)
         except BaseException as e:
             session.cancel()
             self.ctx.confirm_remote_user(fork_id, e)
@@ -766,7 +775,7 @@ class Agent:
             self.autograd.touch(cid, dest)
         msg_id = self._request(dest, m.RRefFetchCall(0, user.rref_id), timeout, "RRef.to_here",
                                self._value_reply(fut, dest, m.RRefFetchReturn), None if cid is None else AutogradTag(cid),
-                               claim=False)
+                               reader=WAITER)
         if created is not None:
             def creation_done(f: torch.futures.Future) -> None:
                 try:
@@ -823,7 +832,8 @@ class Agent:
             timeout = min(timeout, self.rpc_timeout)
         try:
             # an ack nobody waits for (a delete, a cleanup) can wait for the next reader
-            self._request(dest, msg, timeout, type(msg).__name__, on_reply, defer=defer, claim=on_done is not None)
+            self._request(dest, msg, timeout, type(msg).__name__, on_reply, defer=defer,
+                          reader=ANYONE if on_done is None else CLAIM)
         except BaseException as e:
             on_reply(None, e)
 
@@ -992,9 +1002,11 @@ class Agent:
         request of ours to that peer is waiting for a reply, and nothing has arrived. The
         next request to the peer takes the reading (:meth:`_request`, :meth:`wait_reply`);
         the monitor gives it to a pool thread after ``FREE_FOR`` (for requests the peer
-        starts). Whether the reading was left (False: the caller keeps reading)."""
+        starts; where one was waiting, the connection stays read for ``KEEP_READ_S``).
+        Whether the reading was left (False: the caller keeps reading)."""
         conn, peer = role.conn, role.peer
-        if conn.has_deferred or self._closing or self._expects(peer) or conn.pending_input():
+        if (conn.has_deferred or self._closing or self._expects(peer) or conn.pending_input()
+                or time.monotonic() < self._keep_read.get(peer, 0.0)):
             return False
         role.since = time.monotonic()
         self._free[peer] = role
@@ -1064,6 +1076,9 @@ class Agent:
                     if now - role.since >= FREE_FOR:
                         taken = free.pop(peer, None)
                         if taken is not None:
+                            if not self._expects(peer) and taken.conn.pending_input():
+                                # the peer starts requests here: keep its connection read
+                                self._keep_read[peer] = now + KEEP_READ_S
                             self._pool.submit(self._read_loop, peer, taken.conn, taken)
             elif now - quiet_since >= MONITOR_PARK_AFTER:
                 self._monitor_wake.clear()
@@ -1103,7 +1118,7 @@ class Agent:
                 self._pending[msg.msg_id] = pending
                 return None
             pending.callback(msg, None)
-            return None if pending.claim else _LED
+            return _LED if pending.reader is WAITER else None
         return handler, (src, msg, tag)
 
     def _on_connection_lost(self, peer: int, conn: Connection, reason: str) -> None:
@@ -1387,7 +1402,8 @@ class Agent:
 
         try:
             self._check_open()
-            self._request(dest, msg, self.rpc_timeout, type(msg).__name__, on_reply, claim=not lead)
+            self._request(dest, msg, self.rpc_timeout, type(msg).__name__, on_reply,
+                          reader=WAITER if lead else CLAIM)
         except BaseException as e:
             fut.set_exception(e)
         return fut
