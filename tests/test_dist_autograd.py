@@ -1199,9 +1199,30 @@ def _cleanup(rank, world_size):
             out["failed_during"] = holders(cid)
         out["failed_after"] = released(cid)
 
+        # a context holding a large gradient on B (its cleanup is not served inline there)
+        with dist_autograd.context() as cid:
+            loss = rpc.rpc_sync(1, big_b, args=(P("xA"),))
+            dist_autograd.backward(cid, [loss])
+            out["large_bytes"] = rpc.rpc_sync(1, context_nbytes, args=(cid,))
+        out["large_after"] = released(cid)
+
         out["left"] = [wait_no_contexts()] + [rpc.rpc_sync(r, wait_no_contexts) for r in (1, 2)]
     rpc.shutdown()
     return out
+
+
+_BIG = []
+
+
+def big_b(x):
+    """On B: a loss over a 2 MiB leaf of B's own, so B accumulates a 2 MiB gradient."""
+    if not _BIG:
+        _BIG.append(torch.ones(1 << 19, requires_grad=True))
+    return (x.sum() * _BIG[0]).sum()
+
+
+def context_nbytes(cid):
+    return rpc.api.current.agent().autograd.contexts.get(cid).nbytes()
 
 
 def wait_no_contexts(timeout=5.0):
@@ -1219,6 +1240,7 @@ def test_leaving_a_context_releases_it_on_every_worker_it_reached():
         assert out[f"{case}_during"] == [True, True, True], (case, out[f"{case}_during"])
         assert out[f"{case}_after"] == [True, True, True], (case, out[f"{case}_after"])
     assert out["plain_result"] == "worker2"
+    assert out["large_bytes"] >= 2 << 20 and out["large_after"] == [True, True, True]
     assert out["left"] == [0, 0, 0]
 
 

@@ -305,7 +305,7 @@ _LED: Any = object()
 #: Requests a reader serves inline (until they wait: see Agent._read); the others, which
 #: may wait on other messages (the autograd passes), go to a pool thread at once.
 _INLINE = frozenset({m.PythonCall, m.RemoteCall, m.RRefFetchCall, m.RRefUserDelete, m.RRefForkRequest, m.RRefBackward,
-                     m.RRefChildAccept})
+                     m.RRefChildAccept, m.CleanupAutogradContext})
 
 
 class _SendSession(serialization.Session):
@@ -570,7 +570,7 @@ class Agent:
         waits for it (``WAITER``: :meth:`wait_reply`), or for whoever reads next (``ANYONE``),
         the monitor at the latest (``FREE_FOR``)."""
         if not defer:
-            self._hand_off_reading()  # a reader that sends a request likely waits for the reply
+            self.hand_off_reading()  # a reader that sends a request likely waits for the reply
             if self._deletes:
                 self._send_deletes(dest)
         msg_id = msg.msg_id = next(self._ids)
@@ -858,7 +858,7 @@ class Agent:
         ``job`` are the reading and the request a leader handed over (see :meth:`_lead`)."""
         role = role or _ReadRole(peer, conn)
         _tls.role = role
-        set_block_hook(self._hand_off_reading)
+        set_block_hook(self.hand_off_reading)
         try:
             self._read(role, job)
         finally:
@@ -901,7 +901,7 @@ class Agent:
             if served_request:
                 handler, args = job
                 if type(args[1]) not in _INLINE:
-                    self._hand_off_reading()
+                    self.hand_off_reading()
                 started = time.perf_counter()
                 try:
                     handler(*args)
@@ -968,7 +968,7 @@ class Agent:
         peer, conn, busy = role.peer, role.conn, self._busy
         prev_role, prev_hook = getattr(_tls, "role", None), block_hook()
         _tls.role = role
-        set_block_hook(self._hand_off_reading)
+        set_block_hook(self.hand_off_reading)
         try:
             while not fut.done():
                 if role.spin > 0 and SPIN_S and not conn.pending_input():
@@ -1046,8 +1046,10 @@ class Agent:
         log.exception("torchrpc %s: reader for worker %d failed", self.name, peer)
         self._on_connection_lost(peer, conn, f"reader failed: {e!r}")
 
-    def _hand_off_reading(self) -> None:
-        """If this thread is a reader handling a frame, pass the reading to another pool thread."""
+    def hand_off_reading(self) -> None:
+        """If this thread is a reader handling a frame, pass the reading to another pool thread
+        (a handler about to do something slow calls this: the connection's other messages
+        must not wait for it)."""
         self._pass_reading(getattr(_tls, "role", None))
 
     def _pass_reading(self, role: Optional[_ReadRole]) -> None:

@@ -181,6 +181,14 @@ class DistAutogradContext:
             sizes = {ag_id: len(ex.tensors) for ag_id, ex in self.recvs.items()}
         return LocalBackward(sources, self.recv_of, sizes, retain_graph)
 
+    def nbytes(self) -> int:
+        """Bytes of the tensors held: accumulated gradients and the tensors sent and received."""
+        with self.lock:
+            tensors = list(self.grads.values())
+            for ex in list(self.sends.values()) + list(self.recvs.values()):
+                tensors.extend(ex.tensors)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def clear(self) -> None:
         with self.lock:
             self.sends.clear()
@@ -215,6 +223,9 @@ class ContextContainer:
         if ctx is None:
             raise UnknownContextError(f"could not find distributed autograd context with id {context_id}")
         return ctx
+
+    def find(self, context_id: int) -> Optional[DistAutogradContext]:
+        return self._contexts.get(context_id)
 
     def get_or_create(self, context_id: int) -> DistAutogradContext:
         with self._lock:

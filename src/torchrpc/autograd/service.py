@@ -42,6 +42,11 @@ if TYPE_CHECKING:
 Returned = tuple[int, list]  # gradients going back to the requester: (its send's id, per-tensor grads)
 
 
+#: A cleanup request for a context holding this many bytes of tensors is not served by
+#: the connection's reader (see Agent._read): freeing them takes a while.
+LARGE_CONTEXT_BYTES = 1 << 20
+
+
 class PassResult(NamedTuple):
     """A finished backward pass started here: its id, whether it skipped discovery, and the
     gradients for the requester's sends that go back in the reply."""
@@ -100,6 +105,9 @@ class DistAutograd:
             self.agent.send_control(peer, m.CleanupAutogradContext(0, context_id))
 
     def handle_cleanup(self, src: int, msg: m.CleanupAutogradContext, ag: Any = None) -> None:
+        ctx = self.contexts.find(msg.context_id)
+        if ctx is not None and ctx.nbytes() >= LARGE_CONTEXT_BYTES:
+            self.agent.hand_off_reading()  # freeing a training step's tensors takes a while
         self.release(msg.context_id, from_peer=src)
         self.agent.reply_ack(src, msg.msg_id)
 
