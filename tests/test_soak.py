@@ -24,8 +24,8 @@ RRef value (``Value``: the owners' values and every fetched copy) to be freed. T
 compares threads and file descriptors with what it had right after ``init_rpc``:
 
 * **threads**: the non-pool threads (main, watchdog, heartbeat, acceptor; the workload
-  threads are joined) must be exactly the same set. The pool only grows (nested calls
-  block threads, and a busy pool spawns more), so its size is reported, not compared.
+  threads are joined) must be exactly the same set. The pools only grow (nested calls
+  block threads, and a busy pool spawns more), so the pool's size is reported, not compared.
 * **file descriptors**: sockets, pipes and everything else must be the same numbers,
   exactly. The one legitimate growth is the shared-memory cache: each sender segment
   and each mapped peer segment is an ``mmap``, which keeps a dup of its file's fd for the
@@ -335,8 +335,8 @@ def _shm_cache(agent) -> dict:
 
 
 def _threads(agent) -> list[str]:
-    """Names of the Python threads that are not the agent's pool."""
-    pool = set(agent._pool._threads)
+    """Names of the Python threads that are not in the agent's pools (the pool, the autograd pool)."""
+    pool = set(agent._pool._threads) | set(agent._autograd_pool._threads)
     return sorted(t.name for t in threading.enumerate() if t not in pool)
 
 
