@@ -308,9 +308,11 @@ _STOP = object()
 #: reading, W5's stage workers took ~1,500 page faults per step (~400 this way).
 _ON_AUTOGRAD_POOL = frozenset({m.PropagateGradients})
 _LED: Any = object()
+_NOTHING: Any = object()
 
 #: Requests a reader serves inline (until they wait: see Agent._read); the others, which
-#: may wait on other messages (the autograd passes), go to a pool thread at once.
+#: may wait on other messages (the autograd passes), are served after the reader hands
+#: the reading on, or on the autograd pool (_ON_AUTOGRAD_POOL).
 _INLINE = frozenset({m.PythonCall, m.RemoteCall, m.RRefFetchCall, m.RRefUserDelete, m.RRefForkRequest, m.RRefBackward,
                      m.RRefChildAccept, m.CleanupAutogradContext})
 
@@ -893,18 +895,9 @@ class Agent:
                     if busy.pop(role, None) is None or not flushed:
                         return
                 served += 1
-                if served_request and role.spin > 0 and SPIN_S and not conn.pending_input():
-                    self._spin(role)
-                frame = self._next_frame(role)
-                if frame is None:
+                job = self._next_job(role, poll=served_request)
+                if job is _NOTHING:
                     return
-                try:
-                    job = self._dispatch(peer, frame)
-                except BaseException as e:  # pragma: no cover - a bug
-                    busy.pop(role, None)
-                    self._reader_failed(peer, conn, e)
-                    return
-                del frame
             served_request = job is not None and job is not _LED
             if served_request and type(job[1][1]) in _ON_AUTOGRAD_POOL:
                 self._autograd_pool.submit(job[0], *job[1])  # see _ON_AUTOGRAD_POOL
@@ -932,31 +925,36 @@ class Agent:
                 return
             job = None
 
-    def _next_frame(self, role: _ReadRole, wait: Optional[float] = None) -> Optional[list]:
-        """Read the next frame of ``role``'s connection and mark the role busy with it. None
-        if the connection ended (reported lost), or if nothing came within ``wait`` s."""
+    def _next_job(self, role: _ReadRole, poll: bool, wait: Optional[float] = None) -> Any:
+        """Read the next frame of ``role``'s connection (polling first if ``poll`` and polling
+        pays off), mark the role busy with it and dispatch it: a request's job, ``_LED`` or
+        None (see :meth:`_dispatch`). ``_NOTHING`` if the connection ended (reported lost) or
+        broke, or if nothing came within ``wait`` s."""
         conn = role.conn
+        if poll and role.spin > 0 and SPIN_S and not conn.pending_input():
+            role.spin = min(role.spin + 1, 4) if self._poll(conn) else role.spin - 1
         blocked = time.perf_counter()
         try:
             if wait is not None and not conn.pending_input() and not conn.wait_input(wait):
-                return None
+                return _NOTHING
             frame = conn.recv()
         except ConnectionClosed as e:
             self._on_connection_lost(role.peer, conn, str(e))
-            return None
+            return _NOTHING
         except BaseException as e:  # pragma: no cover - a bug
             self._reader_failed(role.peer, conn, e)
-            return None
+            return _NOTHING
         if role.spin <= 0 and time.perf_counter() - blocked < SPIN_S:
             role.spin = 1  # polling would have found this one
         role.since = time.monotonic()
         self._busy[role] = role
         self._wake_monitor()
-        return frame
-
-    def _spin(self, role: _ReadRole) -> None:
-        """Poll ``role``'s connection; poll longer next time if input came, less if not."""
-        role.spin = min(role.spin + 1, 4) if self._poll(role.conn) else role.spin - 1
+        try:
+            return self._dispatch(role.peer, frame)
+        except BaseException as e:  # pragma: no cover - a bug
+            self._busy.pop(role, None)
+            self._reader_failed(role.peer, conn, e)
+            return _NOTHING
 
     def _wake_monitor(self) -> None:
         if self._monitor_parked:
@@ -964,10 +962,11 @@ class Agent:
             self._monitor_wake.set()
 
     def wait_reply(self, fut: torch.futures.Future, dest: int) -> None:
-        """Wait for ``fut``, the reply of a request to ``dest``. If nobody reads ``dest``'s
-        connection now, this thread reads it until the reply is in: the thread that needs
-        the reply is the one that wakes (or, polling, none does) instead of a reader that
-        would then have to wake it. Otherwise the reader completes ``fut`` as usual."""
+        """Before waiting on ``fut``, the reply of a request to ``dest``: if nobody reads
+        ``dest``'s connection now, read it on this thread until ``fut`` is done. The thread
+        that needs the reply is then the one that wakes (or, polling, none does) instead of a
+        reader that would have to wake it. Otherwise return at once: the reader completes
+        ``fut`` and the caller waits on it as usual."""
         if not fut.done() and self._free:
             role = self._free.pop(dest, None)
             if role is not None:
@@ -983,21 +982,12 @@ class Agent:
         set_block_hook(self.hand_off_reading)
         try:
             while not fut.done():
-                if role.spin > 0 and SPIN_S and not conn.pending_input():
-                    self._spin(role)
                 # in slices: the future may also end without a frame (a timeout, a failure)
-                frame = self._next_frame(role, LEAD_WAIT_S)
-                if frame is None:
-                    if peer in self._conns and self._conns[peer] is conn:
+                job = self._next_job(role, poll=True, wait=LEAD_WAIT_S)
+                if job is _NOTHING:
+                    if self._conns.get(peer) is conn:
                         continue
                     return  # the connection is gone; its calls have failed
-                try:
-                    job = self._dispatch(peer, frame)
-                except BaseException as e:  # pragma: no cover - a bug
-                    busy.pop(role, None)
-                    self._reader_failed(peer, conn, e)
-                    return
-                del frame
                 if job is not None and job is not _LED:
                     self._pool.submit(self._read_loop, peer, conn, role, job)  # it is still busy: see _read
                     return
