@@ -72,6 +72,14 @@ def test_dead_worker_fails_pending_futures_within_5s_and_others_carry_on():
     assert out["others"] == ("worker2", "x")
 
 
+_SERVED = []
+
+
+def whoami_served():
+    _SERVED.append(True)
+    return whoami()
+
+
 def _caller_dies(rank, world_size, ready):
     init(rank, world_size)
     if rank == 0:
@@ -82,7 +90,12 @@ def _caller_dies(rank, world_size, ready):
     else:
         ready.wait(30)
         time.sleep(1.0)  # the reply to worker0 fails; that must not break worker1 or worker2
-        out = rpc.rpc_sync(f"worker{3 - rank}", whoami)
+        out = rpc.rpc_sync(f"worker{3 - rank}", whoami_served)
+        # rank 0 hosted the store, so shutdown cannot wait for the other worker: wait here
+        # until its call has been served, else closing may beat its request
+        deadline = time.monotonic() + 30
+        while not _SERVED and time.monotonic() < deadline:
+            time.sleep(0.01)
         rpc.shutdown()
         return out
 
