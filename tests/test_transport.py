@@ -5,6 +5,7 @@ and every socket is closed, so nothing can hang or leak.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import socket
 import struct
@@ -88,13 +89,22 @@ def client_handshake(sock):
     assert _read_n(sock, 4 + 8 + 3)[-3:] == b"tcp"
 
 
+@contextlib.contextmanager
 def raw_client(listener):
-    """A plain socket connected to ``listener`` (handshake done), and the accepted Connection."""
+    """A plain socket connected to ``listener`` (handshake done), and the accepted Connection;
+    both closed at the end of the block."""
     host, port = tcp._parse(listener.address.partition("://")[2])
     acc = Bg(listener.accept)
     sock = socket.create_connection((host, port), timeout=10)
-    client_handshake(sock)
-    return sock, acc.result()
+    try:
+        client_handshake(sock)
+        conn = acc.result()
+        try:
+            yield sock, conn
+        finally:
+            conn.close()
+    finally:
+        sock.close()
 
 
 def as_bytes(frame):
@@ -306,8 +316,7 @@ def test_deferring_on_a_closed_connection_raises(pair):
 
 
 def test_pending_input_means_a_whole_frame(listener):
-    sock, conn = raw_client(listener)
-    try:
+    with raw_client(listener) as (sock, conn):
         assert not conn.pending_input()
         frame = struct.pack("<I2Q", 2, 3, 5) + b"abc" + b"defgh"
         sock.sendall(frame[:9])  # header and part of the lengths
@@ -324,14 +333,10 @@ def test_pending_input_means_a_whole_frame(listener):
         wait_for_input(conn)
         with pytest.raises(ConnectionClosed):
             conn.recv()
-    finally:
-        sock.close()
-        conn.close()
 
 
 def test_wait_input_returns_on_input_on_buffered_bytes_and_at_the_end(listener):
-    sock, conn = raw_client(listener)
-    try:
+    with raw_client(listener) as (sock, conn):
         assert not conn.wait_input(0.05)  # nothing came
         waiter = Bg(conn.wait_input, 10.0)
         time.sleep(0.05)
@@ -345,15 +350,11 @@ def test_wait_input_returns_on_input_on_buffered_bytes_and_at_the_end(listener):
         assert conn.wait_input(10.0)  # the end of the connection counts: recv reports it
         with pytest.raises(ConnectionClosed):
             conn.recv()
-    finally:
-        sock.close()
-        conn.close()
     assert conn.wait_input(0.0)  # closed here: recv reports it at once
 
 
 def test_receive_buffer_many_frames_in_one_read_and_frames_split_byte_by_byte(listener):
-    sock, conn = raw_client(listener)
-    try:
+    with raw_client(listener) as (sock, conn):
         frames = [[b"x" * (i % 7), b"%d" % i] for i in range(2000)]
         frames.insert(1000, [bytes(200_000), b"big"])  # larger than the receive buffer
         wire = b"".join(struct.pack(f"<I{len(f)}Q", len(f), *map(len, f)) + b"".join(f) for f in frames)
@@ -364,9 +365,6 @@ def test_receive_buffer_many_frames_in_one_read_and_frames_split_byte_by_byte(li
         sender = Bg(lambda: [sock.sendall(one[i:i + 1]) for i in range(len(one))])
         assert as_bytes(conn.recv()) == [b"abcd", b"ef"]
         sender.result()
-    finally:
-        sock.close()
-        conn.close()
 
 
 def test_close_unblocks_recv(pair):
@@ -442,23 +440,19 @@ def test_listener_close_unblocks_accept():
 
 @pytest.mark.parametrize("cut", [2, 4, 10, 14, 15])
 def test_peer_dies_mid_frame(listener, cut):
-    sock, conn = raw_client(listener)
-    try:
+    with raw_client(listener) as (sock, conn):
         wire = struct.pack("<IQ", 1, 5) + b"hello"
         sock.sendall(wire[:cut])
         sock.close()
         with pytest.raises(ConnectionClosed):
             conn.recv()
-    finally:
-        conn.close()
 
 
 # --- hostile headers ------------------------------------------------------------------
 
 
 def _recv_hostile(listener, raw: bytes):
-    sock, conn = raw_client(listener)
-    try:
+    with raw_client(listener) as (sock, conn):
         sock.sendall(raw)
         tracemalloc.start()
         try:
@@ -468,9 +462,6 @@ def _recv_hostile(listener, raw: bytes):
         finally:
             tracemalloc.stop()
         return peak
-    finally:
-        sock.close()
-        conn.close()
 
 
 @pytest.mark.parametrize("count", [2**32 - 1, 2**31, tcp.MAX_BUFFERS + 1])
@@ -497,36 +488,27 @@ def test_frame_size_limit_is_enforced(listener, monkeypatch):
     # the limit itself (1 TiB by default) is checked before allocating: with a
     # small limit, a frame just over it is refused and one at it is accepted
     monkeypatch.setattr(tcp, "MAX_FRAME_BYTES", 1000)
-    sock, conn = raw_client(listener)
-    try:
+    with raw_client(listener) as (sock, conn):
         sock.sendall(struct.pack("<IQQ", 2, 500, 500) + b"a" * 1000)
         got = conn.recv()
         assert [len(b) for b in got] == [500, 500]
         sock.sendall(struct.pack("<IQQ", 2, 500, 501))
         with pytest.raises(ConnectionClosed):
             conn.recv()
-    finally:
-        sock.close()
-        conn.close()
 
 
 def test_buffer_count_limit_is_accepted_at_the_limit(listener):
-    sock, conn = raw_client(listener)
-    try:
+    with raw_client(listener) as (sock, conn):
         n = tcp.MAX_BUFFERS
         sock.sendall(struct.pack("<I", n) + bytes(8 * n))
         got = conn.recv()
         assert len(got) == n and all(len(b) == 0 for b in got)
-    finally:
-        sock.close()
-        conn.close()
 
 
 def test_random_garbage_never_hangs_or_raises_other_errors(listener):
     rng = np.random.default_rng(2)
     for trial in range(20):
-        sock, conn = raw_client(listener)
-        try:
+        with raw_client(listener) as (sock, conn):
             sock.sendall(rng.integers(0, 256, size=int(rng.integers(1, 64)), dtype=np.uint8).tobytes())
             sock.shutdown(socket.SHUT_WR)  # and then the peer is done
             try:
@@ -535,9 +517,6 @@ def test_random_garbage_never_hangs_or_raises_other_errors(listener):
                     assert isinstance(frame, list)
             except ConnectionClosed:
                 pass
-        finally:
-            sock.close()
-            conn.close()
 
 
 
