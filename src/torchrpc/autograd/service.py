@@ -248,7 +248,7 @@ class DistAutograd:
             ctx.accumulate(t, g)
         back: list[Returned] = []
         calls = []
-        going = [(ag_id, grads) for ag_id, grads in outcome.recvs_done.items()]
+        going = list(outcome.recvs_done.items())
         for ag_id, grads in going:
             peer = ctx.recvs[ag_id].peer
             if peer == requester:
