@@ -8,14 +8,15 @@ process, so each test starts from clean global state.
 
 Public API
 ----------
-``run_workers(fn, world_size, *, args=(), timeout=60, env=None, port=None)``
+``run_workers(fn, world_size, *, args=(), timeout=60, env=None, port=None, allow_errors=False)``
     Run ``fn(rank, world_size, *args)`` in ``world_size`` fresh processes and
     return their return values ordered by rank. Raises :class:`WorkerFailed`
-    if any rank raises, dies, or the run does not finish within ``timeout``
-    seconds. On a timeout the hung workers' Python stacks (all threads) are
-    dumped and included in the error, then the workers are SIGKILLed.
+    if any rank raises, dies, logs an error (see below), or the run does not
+    finish within ``timeout`` seconds. On a timeout the hung workers' Python
+    stacks (all threads) are dumped and included in the error, then the
+    workers are SIGKILLed.
 
-``start_workers(fn, world_size, *, args=(), env=None, port=None)``
+``start_workers(fn, world_size, *, args=(), env=None, port=None, allow_errors=False)``
     Same, but returns a :class:`WorkerGroup` at once so a test can act on
     running workers, e.g. ``group.kill(1)`` to simulate a peer dying.
     ``group.join(timeout)`` returns the results; a rank killed through
@@ -45,6 +46,20 @@ Rules for ``fn``
   run (pytest shows it for failing tests) and puts its tail in
   :class:`WorkerFailed` messages.
 
+Logged errors
+-------------
+torchrpc reports bugs it cannot raise to a caller (an exception in a handler
+or a reader thread) only by logging them at ERROR on the ``torchrpc`` logger.
+Each worker records every record of level ERROR or above that reaches the
+``torchrpc`` logger (its children included) while ``fn`` runs, and reports
+them with its result. A rank that returned normally but logged such records
+fails as ``LoggedError``, naming the rank and quoting the records; a rank
+that failed anyway gets them added to its report. A test that provokes logged
+errors on purpose passes ``allow_errors=True`` (to ``run_workers`` or
+``start_workers``), which keeps the records in the worker's output only.
+Recording does not change what is printed: with no handler of its own
+configured, a record still goes to stderr, i.e. to the rank's log.
+
 Failure handling
 ----------------
 When a rank fails (raises or dies) the others get ``fail_fast_grace`` seconds
@@ -60,6 +75,7 @@ import dataclasses
 import faulthandler
 import importlib
 import importlib.util
+import logging
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.forkserver
@@ -101,6 +117,10 @@ _PRELOAD_OPTIONAL = ["torch.distributed.rpc", "pytest", "hypothesis"]
 _PRELOAD_GUARDED = ["torchrpc"]
 
 _OUTPUT_TAIL_CHARS = 4000
+# Logged errors a worker reports: at most this many records, each cut to this size.
+_LOGGED_ERRORS_MAX = 20
+_LOGGED_ERROR_CHARS = 3000
+_LOGGED_ERRORS_LOGGER = "torchrpc"
 _DUMP_WAIT_S = 1.5
 _FAIL_FAST_GRACE_S = 5.0
 
@@ -136,7 +156,7 @@ class WorkerError:
     """What a failed rank reported (or what is known about how it died)."""
 
     rank: int
-    type_name: str  # exception type name, or "Died" / "TimedOut" / "Aborted"
+    type_name: str  # exception type name, or "Died" / "TimedOut" / "Aborted" / "LoggedError"
     traceback: str  # formatted traceback or explanation
     exitcode: int | None = None
     stack_dump: str = ""  # faulthandler dump taken before the kill, if any
@@ -327,6 +347,47 @@ def _set_pdeathsig() -> None:
         os._exit(1)
 
 
+class _ErrorRecorder(logging.Handler):
+    """Records the ERROR+ records that reach its logger, without changing what is printed.
+
+    A logger with a handler somewhere up its chain no longer falls back to
+    :data:`logging.lastResort` (WARNING+ to stderr); so when this handler is the
+    only one a record meets, it hands the record on to ``lastResort`` itself.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.NOTSET)
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s [%(threadName)s]: %(message)s"))
+        self.count = 0
+        self.records: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.ERROR:
+            self.count += 1
+            if len(self.records) < _LOGGED_ERRORS_MAX:
+                text = self.format(record)
+                if len(text) > _LOGGED_ERROR_CHARS:
+                    text = text[:_LOGGED_ERROR_CHARS] + "\n[...]"
+                self.records.append(text)
+        last = logging.lastResort
+        if last is not None and record.levelno >= last.level and self._only_handler(record):
+            last.handle(record)
+
+    def _only_handler(self, record: logging.LogRecord) -> bool:
+        """Whether no other handler sees ``record`` (the condition for ``lastResort``)."""
+        logger: logging.Logger | None = logging.getLogger(record.name)
+        while logger is not None:
+            if any(h is not self for h in logger.handlers):
+                return False
+            logger = logger.parent if logger.propagate else None
+        return True
+
+    def snapshot(self) -> tuple[int, list[str]]:
+        """(number of ERROR+ records so far, the first few of them formatted)."""
+        with self.lock:
+            return self.count, list(self.records)
+
+
 def _child_main(rank: int, world_size: int, fn: Callable, args: tuple,
                 environ: dict[str, str], conn, log_path: str, dump_path: str) -> None:
     global _child_dump_file
@@ -353,17 +414,20 @@ def _child_main(rank: int, world_size: int, fn: Callable, args: tuple,
     os.environ.clear()
     os.environ.update(environ)
 
+    recorder = _ErrorRecorder()
+    logging.getLogger(_LOGGED_ERRORS_LOGGER).addHandler(recorder)
     try:
         value = fn(rank, world_size, *args)
         try:
-            payload = pickle.dumps(("ok", value), protocol=pickle.HIGHEST_PROTOCOL)
+            payload = pickle.dumps(("ok", value, recorder.snapshot()),
+                                   protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as e:
             payload = pickle.dumps(("err", "UnpicklableResult",
                                     f"return value of rank {rank} could not be pickled: "
-                                    f"{type(e).__name__}: {e}"))
+                                    f"{type(e).__name__}: {e}", recorder.snapshot()))
     except BaseException as e:  # noqa: BLE001 - report everything, incl. SystemExit
         tb = "".join(traceback.format_exception(e))
-        payload = pickle.dumps(("err", type(e).__name__, tb))
+        payload = pickle.dumps(("err", type(e).__name__, tb, recorder.snapshot()))
     conn.send_bytes(payload)
     conn.close()
 
@@ -408,16 +472,19 @@ class WorkerGroup:
     """Handle on running workers (see :func:`start_workers`)."""
 
     def __init__(self, fn: Callable, world_size: int, *, args: Sequence = (),
-                 env: dict[str, str] | None = None, port: int | None = None):
+                 env: dict[str, str] | None = None, port: int | None = None,
+                 allow_errors: bool = False):
         if world_size < 1:
             raise ValueError("world_size must be >= 1")
         self.fn = fn
         self.world_size = world_size
+        self.allow_errors = allow_errors
         self.port = free_port() if port is None else port
         self.procs: list[multiprocessing.process.BaseProcess] = []
         self._conns: list[Any] = []
         self._killed: set[int] = set()
         self._results: dict[int, Any] = {}  # rank -> value (or WorkerError)
+        self._logged: dict[int, tuple[int, list[str]]] = {}  # rank -> (count, records) logged
         self._got: set[int] = set()  # ranks whose pipe gave a result or EOF
         self._tmpdir = tempfile.mkdtemp(prefix="torchrpc-workers-")
         self._joined = False
@@ -511,6 +578,21 @@ class WorkerGroup:
             self._results[rank] = msg[1]
         else:
             self._results[rank] = WorkerError(rank, msg[1], msg[2])
+        if msg[-1][0]:
+            self._logged[rank] = msg[-1]
+
+    def _format_logged(self, rank: int) -> str:
+        """What ``rank`` logged at ERROR+ on the torchrpc logger, quoted."""
+        count, records = self._logged[rank]
+        lines = [f"rank {rank} logged {count} record(s) at ERROR or above on the "
+                 f"{_LOGGED_ERRORS_LOGGER!r} logger while running {_fn_name(self.fn)} "
+                 f"(pass allow_errors=True to run_workers/start_workers if the test "
+                 f"provokes them on purpose):"]
+        for text in records:
+            lines += ["    " + line for line in text.splitlines()]
+        if count > len(records):
+            lines.append(f"    [... {count - len(records)} more]")
+        return "\n".join(lines)
 
     def _is_error(self, rank: int) -> bool:
         if rank in self._killed:
@@ -575,10 +657,13 @@ class WorkerGroup:
         A rank killed through :meth:`kill` gives :data:`KILLED`. With
         ``check=True`` (default) any failed rank raises :class:`WorkerFailed`,
         and once a rank has failed the others get ``fail_fast_grace`` seconds
-        before they are stack-dumped and killed. With ``check=False`` failed
-        ranks give :class:`WorkerError` objects in the list instead. Running
-        out of ``timeout`` always raises :class:`WorkerFailed` after dumping
-        the stacks of, and killing, the unfinished workers.
+        before they are stack-dumped and killed. A rank that returned but
+        logged errors (see "Logged errors" above) fails as ``LoggedError``
+        once all ranks are done; it does not cut the others short. With
+        ``check=False`` failed ranks give :class:`WorkerError` objects in the
+        list instead. Running out of ``timeout`` always raises
+        :class:`WorkerFailed` after dumping the stacks of, and killing, the
+        unfinished workers.
         """
         start = time.monotonic()
         deadline = start + timeout
@@ -637,11 +722,16 @@ class WorkerGroup:
                 err = aborted[r]
             elif r in self._results:
                 err = self._results[r]
+                if (r in self._logged and not self.allow_errors
+                        and not isinstance(err, WorkerError)):
+                    err = WorkerError(r, "LoggedError", self._format_logged(r))
             else:
                 code = self.procs[r].exitcode
                 err = WorkerError(r, "Died", f"rank {r} exited with code {code} "
                                   f"without reporting a result", code)
             if isinstance(err, WorkerError):
+                if r in self._logged and not self.allow_errors and err.type_name != "LoggedError":
+                    err.traceback = err.traceback.rstrip() + "\n" + self._format_logged(r)
                 if err.exitcode is None:
                     err.exitcode = self.procs[r].exitcode
                 err.output = _read_text(self._log_path(r), _OUTPUT_TAIL_CHARS)
@@ -686,21 +776,26 @@ class WorkerGroup:
 
 
 def start_workers(fn: Callable, world_size: int, *, args: Sequence = (),
-                  env: dict[str, str] | None = None, port: int | None = None) -> WorkerGroup:
+                  env: dict[str, str] | None = None, port: int | None = None,
+                  allow_errors: bool = False) -> WorkerGroup:
     """Start ``fn(rank, world_size, *args)`` in ``world_size`` fresh workers; return a handle.
 
     Use ``with start_workers(...) as g: ...; results = g.join(timeout)``.
+    ``allow_errors=True``: a rank that logged errors on the torchrpc logger does not fail.
     """
-    return WorkerGroup(fn, world_size, args=args, env=env, port=port)
+    return WorkerGroup(fn, world_size, args=args, env=env, port=port, allow_errors=allow_errors)
 
 
 def run_workers(fn: Callable, world_size: int, *, args: Sequence = (), timeout: float = 60,
-                env: dict[str, str] | None = None, port: int | None = None) -> list[Any]:
+                env: dict[str, str] | None = None, port: int | None = None,
+                allow_errors: bool = False) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` workers; results by rank.
 
     Raises :class:`WorkerFailed` (with every failing rank's traceback, stack
-    dumps of hung ranks and output tails) if a rank fails or the whole run
-    takes longer than ``timeout`` seconds. No worker outlives the call.
+    dumps of hung ranks and output tails) if a rank fails, logs a record at
+    ERROR or above on the torchrpc logger (unless ``allow_errors``), or the
+    whole run takes longer than ``timeout`` seconds. No worker outlives the call.
     """
-    with start_workers(fn, world_size, args=args, env=env, port=port) as group:
+    with start_workers(fn, world_size, args=args, env=env, port=port,
+                       allow_errors=allow_errors) as group:
         return group.join(timeout)

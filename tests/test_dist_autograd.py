@@ -925,7 +925,7 @@ def _bad_input(rank, world_size):
     out = {}
     if rank == 0:
         from torchrpc import serialization
-        from torchrpc.autograd.context import use_context
+        from torchrpc.protocol.autograd_context import use_context
 
         agent = rpc.api.current.agent()
         errors = out["errors"] = {}
@@ -1102,7 +1102,7 @@ def _too_many_gradients(rank, world_size):
     init(rank, world_size, rpc_timeout=30)
     out = {}
     if rank == 0:
-        from torchrpc.autograd.context import use_context
+        from torchrpc.protocol.autograd_context import use_context
 
         agent = rpc.api.current.agent()
         with dist_autograd.context() as cid:
@@ -1149,7 +1149,7 @@ def _cleanup(rank, world_size):
     init(rank, world_size, rpc_timeout=30)
     out = {}
     if rank == 0:
-        from torchrpc.autograd.context import use_context
+        from torchrpc.protocol.autograd_context import use_context
 
         def holders(cid):
             with use_context(None):  # asking must not itself bring the context to the others
@@ -1385,8 +1385,8 @@ def test_rref_backward_local_on_owner_and_distributed_from_any_worker():
 def count_requests(kind):
     """From now on, count the requests of message class ``kind`` this worker handles."""
     agent = rpc.api.current.agent()
-    handler, seen = agent._handlers[kind], []
-    agent._handlers[kind] = lambda src, msg, tag=None: (seen.append(src), handler(src, msg, tag))[1]
+    seen = []
+    agent.registry.wrap(kind, lambda handler: lambda src, msg, tag=None: (seen.append(src), handler(src, msg, tag))[1])
     return seen
 
 

@@ -10,6 +10,7 @@ import torchrpc as rpc
 import torchrpc.autograd as dist_autograd
 from common import Tracked, add, hold, init, make_tracked, release, wait_live
 from harness import run_workers
+from torchrpc.runtime.faults import Faults
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -92,6 +93,6 @@ def test_delayed_calls_still_complete():
 
 def test_fault_spec_is_checked():
     with pytest.raises(ValueError, match="unknown message type"):
-        rpc.agent._Faults({"drop": {"NOPE": 1}})
+        Faults({"drop": {"NOPE": 1}})
     with pytest.raises(ValueError, match="drop"):
-        rpc.agent._Faults({"explode": {}})
+        Faults({"explode": {}})

@@ -87,7 +87,7 @@ import torchrpc.autograd as dist_autograd
 from common import add, ident, init, make_tracked, raise_value_error, sleep_then, torchrpc_threads
 from harness import get_context, run_workers
 from torchrpc import serialization, transport
-from torchrpc.autograd.context import use_context
+from torchrpc.protocol.autograd_context import use_context
 from torchrpc.errors import ProtocolError
 from torchrpc.protocol import messages as m
 from torchrpc.protocol.tensor_codec import DTYPES
@@ -160,7 +160,7 @@ def _decodes_cleanly(frame) -> bool:
 
 
 class _RawRequest:
-    """Looks like a request to ``Agent._request``: a hand-made frame with the msg id patched in.
+    """Looks like a request to ``Endpoint.request``: a hand-made frame with the msg id patched in.
 
     Sent this way, worker1's answer (or the connection's loss) comes back to the caller.
     """
@@ -187,7 +187,7 @@ def _request_raw(agent, dest, frame, timeout):
         box["reply"], box["error"] = reply, error
         done.set()
 
-    agent._request(dest, _RawRequest(frame), timeout, "fuzz", cb)
+    agent.endpoint.request(dest, _RawRequest(frame), timeout, "fuzz", cb)
     done.wait(timeout + 5)
     return box.get("reply"), box.get("error")
 
@@ -773,7 +773,7 @@ def _fuzz_job(rank, _nprocs, inited, bystander_ready, fuzz_done, checks_done):
             "log_texts": dict(counter.by_text.most_common(12)),
             "errors": counter.errors,
             "threads": torchrpc_threads(),
-            "pool_size": len(agent._pool._threads),
+            "pool_size": len(agent._pool.threads),
             "rref_state": agent.ctx.debug_info(),
             "contexts": len(agent.autograd.contexts.ids()),
         }
@@ -834,7 +834,7 @@ def _attacker(inited, bystander_ready, fuzz_done, checks_done):
         assert bystander_ready.wait(60)
         mem_before = _rss(victim_pid)
 
-        main = agent._conns[1]
+        main = agent.peers.conns[1]
         known, sent_frames, main_in = _prelude(agent, main)
         stats["replayable"] = {k: len(v) for k, v in sent_frames.items()}
 
@@ -1231,10 +1231,10 @@ def _bug_malformed_reply(rank, world_size):
     if rank == 0:
         agent = rpc.api.current.agent()
         fut = rpc.rpc_async("worker1", sleep_then, args=(1.0, "ok"))
-        msg_id = next(k for k, p in list(agent._pending.items()) if p.desc == "sleep_then")
+        msg_id = next(k for k, p in list(agent.pending._entries.items()) if p.desc == "sleep_then")
         # a reply from worker0 that does not decode (an extra buffer), whose msg id happens to
         # be the same number as that call's: msg ids of replies are worker1's, of requests ours
-        agent._conns[1].send(_frame(m.RRefAck(msg_id)) + [b"junk"])
+        agent.peers.conns[1].send(_frame(m.RRefAck(msg_id)) + [b"junk"])
         try:
             out["call"] = fut.wait()
         except RuntimeError as e:
@@ -1257,7 +1257,7 @@ def _bug_claimed_length(rank, world_size, where):
         before = _rss(pid)["VmRSS"]
         claim = struct.pack("<IQ", 1, 1 << 30)  # one 1 GiB buffer (the limit is 64 GiB); no data follows
         if where == "established":
-            conn = agent._conns[1]
+            conn = agent.peers.conns[1]
             with conn._send_lock:
                 conn._sock.sendall(claim)
         else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import operator
 import os
 import shutil
@@ -102,6 +103,28 @@ def _wait_for_event(rank, world_size, event):
 
 def _return_pid(rank, world_size):
     return os.getpid()
+
+
+def _log_error_on_rank1(rank, world_size):
+    if rank == 1:
+        logging.getLogger("torchrpc").error("boom")
+        try:
+            raise KeyError("inner")
+        except KeyError:
+            logging.getLogger("torchrpc.child").exception("torchrpc: unhandled error in %s", "f")
+    return rank
+
+
+def _log_error_then_raise(rank, world_size):
+    logging.getLogger("torchrpc").error("boom before raising")
+    raise ValueError("raised too")
+
+
+def _log_below_error_and_elsewhere(rank, world_size):
+    logging.getLogger("torchrpc").warning("only a warning")
+    logging.getLogger("someone.else").error("not torchrpc")
+    logging.getLogger("torchrpcx").error("not a child of torchrpc")
+    return rank
 
 
 def _rpc_add(rank, world_size):
@@ -288,6 +311,54 @@ def test_worker_output_in_failure_and_stderr(capsys):
     run_workers(_print_only, 2)
     err = capsys.readouterr().err
     assert "----- worker rank 1 output -----" in err and "chatter-1" in err
+
+
+def test_logged_error_fails_the_run():
+    with pytest.raises(WorkerFailed) as ei:
+        run_workers(_log_error_on_rank1, 2)
+    err = ei.value.errors[1]
+    assert set(ei.value.errors) == {1} and ei.value.results[0] == 0
+    assert err.type_name == "LoggedError"
+    msg = str(ei.value)
+    assert "failed ranks: [1]" in msg
+    assert "rank 1 logged 2 record(s) at ERROR or above on the 'torchrpc' logger" in msg
+    assert "ERROR torchrpc [MainThread]: boom" in err.traceback
+    assert "ERROR torchrpc.child [MainThread]: torchrpc: unhandled error in f" in err.traceback
+    assert "KeyError: 'inner'" in err.traceback  # the logged exception's traceback is quoted
+    assert "allow_errors=True" in msg
+
+
+def test_logged_error_is_still_printed(capsys):
+    """Recording the records does not stop them from reaching the worker's output."""
+    assert run_workers(_log_error_on_rank1, 2, allow_errors=True) == [0, 1]
+    err = capsys.readouterr().err
+    assert "----- worker rank 1 output -----\nboom\n" in err
+    assert "torchrpc: unhandled error in f\nTraceback" in err
+
+
+def test_logged_error_added_to_a_failure():
+    with pytest.raises(WorkerFailed) as ei:
+        run_workers(_log_error_then_raise, 1)
+    err = ei.value.errors[0]
+    assert err.type_name == "ValueError"
+    assert "raised too" in err.traceback and "boom before raising" in err.traceback
+
+
+def test_logged_error_opt_out():
+    assert run_workers(_log_error_on_rank1, 2, allow_errors=True) == [0, 1]
+    with start_workers(_log_error_on_rank1, 2, allow_errors=True) as g:
+        assert g.join(timeout=30) == [0, 1]
+
+
+def test_logged_error_check_false():
+    with start_workers(_log_error_on_rank1, 2) as g:
+        out = g.join(timeout=30, check=False)
+    assert out[0] == 0
+    assert isinstance(out[1], WorkerError) and out[1].type_name == "LoggedError"
+
+
+def test_warnings_and_other_loggers_do_not_fail():
+    assert run_workers(_log_below_error_and_elsewhere, 1) == [0]
 
 
 def test_unpicklable_result():

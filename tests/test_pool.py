@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from torchrpc.agent import _Pool
+from torchrpc.runtime.pool import Pool as _Pool
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -20,7 +20,7 @@ def _run_one(pool, fn):
     pool.submit(lambda: (out.append(fn()), done.set()))
     assert done.wait(5)
     deadline = time.monotonic() + 5
-    while len(pool._idle) < len(pool._threads):
+    while len(pool._idle) < len(pool.threads):
         assert time.monotonic() < deadline, "the pool's threads did not park"
         time.sleep(0.001)
     return out[0]
@@ -52,11 +52,11 @@ def test_grows_when_every_thread_blocks_and_stop_runs_what_was_queued():
             pool.submit(blocker, i)
         for _ in range(5):  # all five run at once: the pool grew to hold them
             assert started.acquire(timeout=5)
-        assert len(pool._threads) >= 5
+        assert len(pool.threads) >= 5
         release.set()
     finally:
         for i in range(5, 8):
             pool.submit(ran.append, i)
         pool.stop()
     assert sorted(ran) == list(range(8))
-    assert not any(t.is_alive() for t in pool._threads)
+    assert not any(t.is_alive() for t in pool.threads)

@@ -1,4 +1,4 @@
-"""Multi-process tests of the reader's fast paths (agent.py, ``Agent._read``).
+"""Multi-process tests of the reader's fast paths (runtime/reader.py).
 
 * Replies a reader produces are deferred and flushed before it waits for input:
   nothing may stay behind, whatever mix of inline requests, requests handed to the
@@ -15,7 +15,8 @@ import gc
 import pytest
 
 import torchrpc as rpc
-import torchrpc.agent as agent_mod
+import torchrpc.runtime.heartbeat as heartbeat_mod
+import torchrpc.runtime.reader as reader_mod
 from common import add, call, init, make_tracked, wait_live
 from harness import run_workers
 
@@ -33,7 +34,7 @@ def _delete_without_traffic(rank, world_size):
         del r
         gc.collect()
         out["live_after"] = waiting.wait()
-        out["queued"] = len(rpc.api.current.agent()._deletes)
+        out["queued"] = len(rpc.api.current.agent().endpoint._later)
     rpc.shutdown()
     return out
 
@@ -49,7 +50,7 @@ def echo_back(caller, i):
 
 
 def _mixed_traffic(rank, world_size, spin_s):
-    agent_mod.SPIN_S = spin_s
+    reader_mod.SPIN_S = spin_s
     init(rank, world_size)
     out = {}
     if rank == 0:
@@ -91,7 +92,7 @@ def busy_then_big(seconds):
 
 
 def _replies_while_reading_changes_hands(rank, world_size):
-    agent_mod.HEARTBEAT_INTERVAL = 60.0  # no heartbeat traffic that would flush a stuck reply
+    heartbeat_mod.HEARTBEAT_INTERVAL = 60.0  # no heartbeat traffic that would flush a stuck reply
     init(rank, world_size)
     out = {}
     if rank == 0:
@@ -109,24 +110,24 @@ def test_no_reply_stays_deferred_when_the_reading_changes_hands():
     assert out == {"ok": True}
 
 
-# --- the thread that waits for a reply reads it itself (Agent.wait_reply) ------------------
+# --- the thread that waits for a reply reads it itself (Readers.wait_reply) ------------------
 
 
 def _sync_calls_read_by_the_caller(rank, world_size):
     led = []
-    orig = agent_mod.Agent._lead
+    orig = reader_mod.Readers._lead
 
-    def counting_lead(self, role, fut):
-        led.append(role.peer)
-        return orig(self, role, fut)
+    def counting_lead(self, lease, fut):
+        led.append(lease.peer)
+        return orig(self, lease, fut)
 
-    agent_mod.Agent._lead = counting_lead
+    reader_mod.Readers._lead = counting_lead
     init(rank, world_size)
     out = {}
     if rank == 0:
         agent = rpc.api.current.agent()
         out["sums"] = [rpc.rpc_sync("worker1", add, args=(i, i)) for i in range(300)] == [2 * i for i in range(300)]
-        out["left_free"] = 1 in agent._free
+        out["left_free"] = 1 in agent.readers.leases.free
         r = rpc.remote("worker1", make_tracked, args=("mine",))
         out["to_here"] = [r.to_here().tag for _ in range(50)] == ["mine"] * 50
         out["led_by_worker0"] = sum(1 for p in led if p == 1)
@@ -164,7 +165,7 @@ def call_back_later(caller, delay, value):
 
 
 def _peer_request_while_free(rank, world_size):
-    agent_mod.FREE_FOR = 0.5  # worker1's request (at 0.3 s) comes while the reading is free
+    reader_mod.FREE_FOR = 0.5  # worker1's request (at 0.3 s) comes while the reading is free
     init(rank, world_size)
     out = {}
     if rank == 0:
@@ -172,14 +173,14 @@ def _peer_request_while_free(rank, world_size):
 
         agent = rpc.api.current.agent()
         assert rpc.rpc_sync("worker1", call_back_later, args=("worker0", 0.3, "hello"))
-        out["free_after_call"] = 1 in agent._free  # nobody reads worker1's connection now
+        out["free_after_call"] = 1 in agent.readers.leases.free  # nobody reads worker1's connection now
         deadline = time.monotonic() + 20
         while not FLAG and time.monotonic() < deadline:
             time.sleep(0.01)
         out["flag"] = list(FLAG)
         # a peer that starts requests has its connection kept read: no more free readings
         rpc.rpc_sync("worker1", add, args=(1, 2))
-        out["free_after_that"] = 1 in agent._free
+        out["free_after_that"] = 1 in agent.readers.leases.free
     rpc.shutdown()
     return out
 
@@ -191,7 +192,7 @@ def test_a_request_the_peer_starts_is_served_while_the_reading_is_free():
 
 
 def _async_after_sync(rank, world_size):
-    agent_mod.FREE_FOR = 1e9  # the monitor never picks a free reading up
+    reader_mod.FREE_FOR = 1e9  # the monitor never picks a free reading up
     init(rank, world_size)
     out = {}
     if rank == 0:
@@ -199,7 +200,7 @@ def _async_after_sync(rank, world_size):
 
         agent = rpc.api.current.agent()
         rpc.rpc_sync("worker1", add, args=(1, 1))
-        out["free"] = 1 in agent._free
+        out["free"] = 1 in agent.readers.leases.free
         # torch's wait_all waits in C++: only a reader that the requests claimed reads these
         futs = [rpc.rpc_async("worker1", add, args=(i, 1)) for i in range(20)]
         out["async"] = torch.futures.wait_all(futs) == list(range(1, 21))

@@ -128,3 +128,37 @@ def test_shutdown_timeout_is_a_runtime_error():
 
     with pytest.raises(RuntimeError, match="timed out"):
         rendezvous.barrier(Never(), "b", 0, [0, 1], 0.05)
+
+
+def _calls_to_oneself(rank, world_size):
+    """Every kind of call a worker can make to itself. Before the loopback connection, each
+    rpc_sync and remote to oneself logged 'unhandled error in Agent._handle_call' (the harness
+    now fails a test on any logged error)."""
+    init(rank, world_size)
+    out = {}
+    me = f"worker{rank}"
+    out["sync"] = rpc.rpc_sync(me, torch.add, args=(torch.ones(2), 1)).tolist()
+    out["async"] = rpc.rpc_async(me, torch.mul, args=(torch.ones(2), 3)).wait().tolist()
+    r = rpc.remote(me, make_tracked, args=("self",))
+    out["remote"] = r.to_here().tag
+    t = rpc.remote(me, torch.ones, args=(3,))
+    out["proxy"] = t.rpc_sync().sum().item()
+    out["is_owner"] = r.is_owner()
+    out["nested"] = rpc.rpc_sync(me, rpc_sync_to, args=(me, 20, 22))
+    x = torch.ones(2, requires_grad=True)
+    with dist_autograd.context() as cid:
+        y = rpc.rpc_sync(me, torch.mul, args=(x, 4))
+        dist_autograd.backward(cid, [y.sum()])
+        out["grad"] = dist_autograd.get_gradients(cid)[x].tolist()
+    rpc.shutdown()
+    return out
+
+
+def rpc_sync_to(to, a, b):
+    return rpc.rpc_sync(to, torch.add, args=(torch.tensor(a), b)).item()
+
+
+def test_calls_to_oneself_return_and_log_nothing():
+    for out in run_workers(_calls_to_oneself, 2):
+        assert out == {"sync": [2.0, 2.0], "async": [3.0, 3.0], "remote": "self", "proxy": 3.0, "is_owner": True,
+                       "nested": 42, "grad": [4.0, 4.0]}

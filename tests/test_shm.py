@@ -103,7 +103,7 @@ def test_probe_from_another_shared_memory_fails(tmp_path, monkeypatch):
 
 def shm_in_use():
     agent = rpc.api.current.agent()
-    return {peer: conn.uses_shm for peer, conn in agent._conns.items()}
+    return {peer: conn.uses_shm for peer, conn in agent.peers.peers()}
 
 
 def big_tensor(n, fill):

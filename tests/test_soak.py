@@ -323,7 +323,7 @@ def _fds() -> collections.Counter:
 def _shm_cache(agent) -> dict:
     """Segments this worker's connections keep: sender segments (and how many are busy), mappings."""
     segments = busy = mapped = 0
-    for conn in list(agent._conns.values()):
+    for conn in [c for _, c in agent.peers.peers()]:
         tx, rx = getattr(conn, "_shm_tx", None), getattr(conn, "_shm_rx", None)
         if tx is not None:
             with tx._lock:
@@ -336,7 +336,7 @@ def _shm_cache(agent) -> dict:
 
 def _threads(agent) -> list[str]:
     """Names of the Python threads that are not in the agent's pools (the pool, the autograd pool)."""
-    pool = set(agent._pool._threads) | set(agent._autograd_pool._threads)
+    pool = set(agent._pool.threads) | set(agent._autograd_pool.threads)
     return sorted(t.name for t in threading.enumerate() if t not in pool)
 
 
@@ -352,8 +352,8 @@ def _state(agent) -> dict:
             "confirmed_users": len(ctx.confirmed_users),
         }
     state["autograd_contexts"] = len(agent.autograd.contexts.ids())
-    state["pending_calls"] = len(agent._pending)
-    state["retrying"] = agent._retrying
+    state["pending_calls"] = len(agent.pending)
+    state["retrying"] = agent.endpoint.retrying
     state["values_alive"] = values_alive()  # collects garbage first
     with _holding_lock:
         state["holding"] = len(_holding)
@@ -364,7 +364,7 @@ def _soak(rank, _nprocs, barrier, duration, seed):
     init(rank, WORLD, rpc_timeout=RPC_TIMEOUT)
     agent = rpc.api.current.agent()
     barrier.wait(60)
-    fds0, threads0, pool0 = _fds(), _threads(agent), len(agent._pool._threads)
+    fds0, threads0, pool0 = _fds(), _threads(agent), len(agent._pool.threads)
 
     tally = Tally()
     t0 = time.monotonic()
@@ -394,7 +394,7 @@ def _soak(rank, _nprocs, barrier, duration, seed):
     drain_s = time.monotonic() - deadline + DRAIN_S
     barrier.wait(DRAIN_S + 30)
 
-    fds1, threads1, pool1, cache = _fds(), _threads(agent), len(agent._pool._threads), _shm_cache(agent)
+    fds1, threads1, pool1, cache = _fds(), _threads(agent), len(agent._pool.threads), _shm_cache(agent)
     barrier.wait(60)
     rpc.shutdown()
     return {

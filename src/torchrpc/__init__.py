@@ -4,13 +4,13 @@ A drop-in for ``torch.distributed.rpc``: ``import torchrpc as rpc``.
 """
 from . import autograd, functions
 from .api import debug_info, get_worker_info, init_rpc, remote, rpc_async, rpc_sync, shutdown
-from .agent import UnknownWorkerError
 from .errors import (
     ProtocolError,
     RemoteError,
     RPCError,
     RPCTimeoutError,
     SerializationError,
+    UnknownWorkerError,
     WorkerUnavailableError,
 )
 from .options import (

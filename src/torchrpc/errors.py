@@ -33,3 +33,7 @@ class WorkerUnavailableError(RPCError, ConnectionError):
 
 class SerializationError(RPCError, TypeError):
     """A value could not be pickled or unpickled for an RPC."""
+
+
+class UnknownWorkerError(RPCError, ValueError):
+    """No worker has that name or id."""

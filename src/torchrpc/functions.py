@@ -21,3 +21,13 @@ def async_execution(fn: F) -> F:
 
     wrapper._wrapped_async_rpc_function = fn  # type: ignore[attr-defined]
     return wrapper  # type: ignore[return-value]
+
+
+def is_async_function(func: Callable) -> bool:
+    """Whether ``func`` was marked with :func:`async_execution`."""
+    return getattr(func, "_wrapped_async_rpc_function", None) is not None
+
+
+def func_name(func: Callable) -> str:
+    """A function's name for messages: its qualified name, or its repr."""
+    return getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)

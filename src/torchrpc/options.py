@@ -79,7 +79,7 @@ class RpcBackendOptions:
         if secret is not None and not isinstance(secret, (bytes, str)):
             raise TypeError(f"secret must be bytes or str, got {type(secret).__name__}")
         self.secret: Optional[bytes] = secret.encode() if isinstance(secret, str) else secret
-        #: fault injection for tests: see torchrpc.agent._Faults
+        #: fault injection for tests: see torchrpc.runtime.faults.Faults
         self._faults = _faults
         self.tls_certfile = tls_certfile or os.environ.get("TORCHRPC_TLS_CERT")
         self.tls_keyfile = tls_keyfile or os.environ.get("TORCHRPC_TLS_KEY")

@@ -7,9 +7,8 @@ from typing import Any, Generic, Optional, TypeVar
 import torch
 
 from . import current, serialization
-from .agent import is_async_function
 from .errors import RPCError
-from .functions import async_execution
+from .functions import async_execution, is_async_function
 from .options import UNSET_RPC_TIMEOUT
 from .protocol.rref_context import ForkData, OwnerRRef, UserRRef
 from .worker_info import WorkerInfo
@@ -121,22 +120,16 @@ class RRef(Generic[T]):
         raise RPCError("an RRef can only be pickled by torchrpc, as an argument or result of an RPC")
 
 
-def _rpc_sync(*args: Any, **kwargs: Any) -> Any:
-    from .api import rpc_sync
-
-    return rpc_sync(*args, **kwargs)
+def _rpc_sync(to: WorkerInfo, func: Any, args: tuple, timeout: float) -> Any:
+    return current.agent().call_sync(to, func, args, {}, timeout)
 
 
-def _rpc_async(*args: Any, **kwargs: Any) -> Any:
-    from .api import rpc_async
-
-    return rpc_async(*args, **kwargs)
+def _rpc_async(to: WorkerInfo, func: Any, args: tuple, timeout: float) -> torch.futures.Future:
+    return current.agent().call(to, func, args, {}, timeout)
 
 
-def _remote(*args: Any, **kwargs: Any) -> Any:
-    from .api import remote
-
-    return remote(*args, **kwargs)
+def _remote(to: WorkerInfo, func: Any, args: tuple, timeout: float) -> RRef:
+    return RRef._wrap(*current.agent().remote(to, func, args, {}, timeout))
 
 
 class _Proxy:

@@ -13,9 +13,9 @@ import torch
 
 from .. import current
 from ..errors import RPCError
-from .context import UnknownContextError, _tls, current_context_id
+from ..protocol.autograd_context import UnknownContextError, _tls, current_context_id
 from .graph import graph
-from .service import DistBackwardError
+from ..services.autograd import DistBackwardError
 
 __all__ = ["DistBackwardError", "UnknownContextError", "backward", "context", "current_context_id", "graph",
            "get_gradients"]

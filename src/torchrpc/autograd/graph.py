@@ -13,7 +13,7 @@ import subprocess
 from typing import Any, Optional
 
 from .. import api, current
-from .engine import walk
+from ..protocol.autograd_engine import walk
 
 
 def describe(context_id: int) -> dict[str, Any]:

@@ -73,14 +73,23 @@ class Payload:
         return sum(memoryview(b).nbytes for b in self.frames())
 
 
-# field kinds -> struct codes; a "gid" is two fields (worker id, local id).
-_CODES = {"u32": "I", "u64": "Q", "i64": "q", "bool": "B", "gid": "IQ", "f64": "d"}
+# Header field types: a message's annotations say which of its fields go in the header and
+# how each is packed (``msg_id: U64``); fields of other types (payload, texts, ids,
+# tensors) travel in buffers of their own.
+U32 = int
+U64 = int
+I64 = int
+#: annotation -> field kind -> struct code; a "gid" is two fields (worker id, local id).
+_KINDS = {"U32": "u32", "U64": "u64", "I64": "i64", "bool": "bool", "GloballyUniqueId": "gid"}
+_CODES = {"u32": "I", "u64": "Q", "i64": "q", "bool": "B", "gid": "IQ"}
 
 _REGISTRY: dict[int, type["Message"]] = {}
 
 
 class Message:
-    """Base of all messages. Subclasses declare their header fields in ``FIELDS``."""
+    """Base of all messages. A subclass's annotated fields are its header fields (``U64``,
+    ``I64``, ``U32``, ``bool``, ``GloballyUniqueId``, in order: ``FIELDS`` is derived from
+    them), a ``payload: Payload``, and the buffers named by ``TEXTS``, ``IDS``, ``TENSORS``."""
 
     TYPE: ClassVar[MessageType]
     FIELDS: ClassVar[tuple[tuple[str, str], ...]] = (("msg_id", "u64"),)
@@ -93,11 +102,14 @@ class Message:
     IS_REPLY: ClassVar[bool] = False
     _struct: ClassVar[struct.Struct]
 
-    msg_id: int
+    msg_id: U64
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "TYPE" in cls.__dict__:
+            notes = {k: v for c in reversed(cls.__mro__) for k, v in c.__dict__.get("__annotations__", {}).items()}
+            cls.FIELDS = tuple((name, _KINDS[str(t)]) for name, t in notes.items() if str(t) in _KINDS)
+            cls.HAS_PAYLOAD = notes.get("payload") == "Payload"
             if cls.TENSORS and (cls.HAS_PAYLOAD or cls.TEXTS):
                 raise TypeError(f"{cls.__name__}: a message with tensors has no payload or texts")
             fmt = "<B" + "".join(_CODES[kind] for _, kind in cls.FIELDS)
@@ -197,10 +209,6 @@ def decode(frames: Sequence[Buffer]) -> Message:
         raise ProtocolError(f"malformed {cls.TYPE.name}: {type(e).__name__}: {e}") from e
 
 
-_REPLY_TYPES = frozenset({MessageType.PYTHON_RET, MessageType.REMOTE_RET, MessageType.PYTHON_RREF_FETCH_RET,
-                          MessageType.RREF_ACK, MessageType.EXCEPTION, MessageType.BACKWARD_AUTOGRAD_RET})
-
-
 def is_reply_frame(frames: Sequence[Buffer]) -> bool:
     """Whether a (possibly malformed) frame claims to be a reply: such a frame is never answered,
     since its message id is the receiver's own request number, not the sender's."""
@@ -208,7 +216,7 @@ def is_reply_frame(frames: Sequence[Buffer]) -> bool:
         mtype = frames[0][0]
         if mtype == MessageType.FORWARD_AUTOGRAD and len(frames) > 1:
             mtype = frames[1][0]
-        return mtype in _REPLY_TYPES
+        return mtype in REPLY_TYPES
     except Exception:
         return False
 
@@ -239,9 +247,7 @@ class PythonCall(Message):
     """
 
     TYPE = MessageType.PYTHON_CALL
-    FIELDS = (("msg_id", "u64"), ("profile", "bool"))
-    HAS_PAYLOAD = True
-    msg_id: int
+    msg_id: U64
     payload: Payload
     profile: bool = False
 
@@ -251,12 +257,10 @@ class PythonReturn(Message):
     """The pickled result of a call; ``remote_ns``: how long it ran, if the call asked."""
 
     TYPE = MessageType.PYTHON_RET
-    FIELDS = (("msg_id", "u64"), ("remote_ns", "u64"))
-    HAS_PAYLOAD = True
     IS_REPLY = True
-    msg_id: int
+    msg_id: U64
     payload: Payload
-    remote_ns: int = 0
+    remote_ns: U64 = 0
 
 
 @dataclass(slots=True)
@@ -264,10 +268,9 @@ class ExceptionReply(Message):
     """A failed request. The pickled exception may be empty if it could not be pickled."""
 
     TYPE = MessageType.EXCEPTION
-    HAS_PAYLOAD = True
     TEXTS = ("type_name", "message", "traceback")
     IS_REPLY = True
-    msg_id: int
+    msg_id: U64
     payload: Payload
     type_name: str
     message: str
@@ -282,9 +285,7 @@ class RemoteCall(Message):
     """
 
     TYPE = MessageType.PYTHON_REMOTE_CALL
-    FIELDS = (("msg_id", "u64"), ("rref_id", "gid"), ("fork_id", "gid"))
-    HAS_PAYLOAD = True
-    msg_id: int
+    msg_id: U64
     rref_id: GloballyUniqueId
     fork_id: GloballyUniqueId
     payload: Payload
@@ -295,9 +296,8 @@ class RemoteReturn(Message):
     """The owner has created the OwnerRRef and registered the caller's fork."""
 
     TYPE = MessageType.REMOTE_RET
-    FIELDS = (("msg_id", "u64"), ("rref_id", "gid"), ("fork_id", "gid"))
     IS_REPLY = True
-    msg_id: int
+    msg_id: U64
     rref_id: GloballyUniqueId
     fork_id: GloballyUniqueId
 
@@ -310,8 +310,7 @@ class RRefFetchCall(Message):
     """Ask the owner for the value of ``rref_id`` (``to_here``)."""
 
     TYPE = MessageType.PYTHON_RREF_FETCH_CALL
-    FIELDS = (("msg_id", "u64"), ("rref_id", "gid"))
-    msg_id: int
+    msg_id: U64
     rref_id: GloballyUniqueId
 
 
@@ -320,9 +319,8 @@ class RRefFetchReturn(Message):
     """The pickled value of an OwnerRRef."""
 
     TYPE = MessageType.PYTHON_RREF_FETCH_RET
-    HAS_PAYLOAD = True
     IS_REPLY = True
-    msg_id: int
+    msg_id: U64
     payload: Payload
 
 
@@ -331,8 +329,7 @@ class RRefUserDelete(Message):
     """A UserRRef ``fork_id`` of ``rref_id`` was deleted (guarantee G1)."""
 
     TYPE = MessageType.RREF_USER_DELETE
-    FIELDS = (("msg_id", "u64"), ("rref_id", "gid"), ("fork_id", "gid"))
-    msg_id: int
+    msg_id: U64
     rref_id: GloballyUniqueId
     fork_id: GloballyUniqueId
 
@@ -342,8 +339,7 @@ class RRefForkRequest(Message):
     """A user received fork ``fork_id`` of ``rref_id`` from another user; owner, register it."""
 
     TYPE = MessageType.RREF_FORK_REQUEST
-    FIELDS = (("msg_id", "u64"), ("rref_id", "gid"), ("fork_id", "gid"))
-    msg_id: int
+    msg_id: U64
     rref_id: GloballyUniqueId
     fork_id: GloballyUniqueId
 
@@ -353,8 +349,7 @@ class RRefChildAccept(Message):
     """The child ``fork_id`` is confirmed by the owner; its parent may go (guarantee G2)."""
 
     TYPE = MessageType.RREF_CHILD_ACCEPT
-    FIELDS = (("msg_id", "u64"), ("fork_id", "gid"))
-    msg_id: int
+    msg_id: U64
     fork_id: GloballyUniqueId
 
 
@@ -364,7 +359,7 @@ class RRefAck(Message):
 
     TYPE = MessageType.RREF_ACK
     IS_REPLY = True
-    msg_id: int
+    msg_id: U64
 
 
 # --- connection set-up ---------------------------------------------------------
@@ -375,10 +370,9 @@ class Hello(Message):
     """The first frame on a new connection: who is connecting."""
 
     TYPE = MessageType.HELLO
-    FIELDS = (("msg_id", "u64"), ("worker_id", "u32"))
     TEXTS = ("name",)
-    msg_id: int
-    worker_id: int
+    msg_id: U64
+    worker_id: U32
     name: str
 
 
@@ -391,7 +385,7 @@ class Heartbeat(Message):
     """
 
     TYPE = MessageType.HEARTBEAT
-    msg_id: int
+    msg_id: U64
 
 
 # --- distributed autograd ------------------------------------------------------
@@ -409,10 +403,9 @@ class ForwardAutograd(Message):
     """
 
     TYPE = MessageType.FORWARD_AUTOGRAD
-    FIELDS = (("msg_id", "u64"), ("context_id", "i64"), ("autograd_message_id", "u64"), ("converges", "bool"))
-    msg_id: int
-    context_id: int
-    autograd_message_id: int
+    msg_id: U64
+    context_id: I64
+    autograd_message_id: U64
     inner: Message
     converges: bool = False
 
@@ -441,6 +434,21 @@ class ForwardAutograd(Message):
         return cls(msg_id, context_id, ag_id, inner, cls._bool("converges", converges))
 
 
+class AutogradTag(NamedTuple):
+    """What a FORWARD_AUTOGRAD wrapper says of the message inside it."""
+
+    context_id: int
+    autograd_message_id: int = 0  # the message's send, 0 if it carries no tensor that requires grad
+    converges: bool = False  # the sender's sends may converge (see DistAutogradContext.converges)
+
+    @classmethod
+    def of(cls, fa: ForwardAutograd) -> "AutogradTag":
+        return cls(fa.context_id, fa.autograd_message_id, fa.converges)
+
+    def wrap(self, msg: Message) -> ForwardAutograd:
+        return ForwardAutograd(msg.msg_id, self.context_id, self.autograd_message_id, msg, self.converges)
+
+
 @dataclass(slots=True)
 class BackwardDiscover(Message):
     """SMART mode: backward pass ``pass_id`` of ``context_id`` reaches these sends of yours.
@@ -450,11 +458,10 @@ class BackwardDiscover(Message):
     """
 
     TYPE = MessageType.BACKWARD_DISCOVER
-    FIELDS = (("msg_id", "u64"), ("context_id", "i64"), ("pass_id", "u64"), ("retain_graph", "bool"))
     IDS = "autograd_message_ids"
-    msg_id: int
-    context_id: int
-    pass_id: int
+    msg_id: U64
+    context_id: I64
+    pass_id: U64
     retain_graph: bool
     autograd_message_ids: list
 
@@ -469,13 +476,11 @@ class PropagateGradients(Message):
     """
 
     TYPE = MessageType.BACKWARD_AUTOGRAD_REQ
-    FIELDS = (("msg_id", "u64"), ("context_id", "i64"), ("pass_id", "u64"), ("autograd_message_id", "u64"),
-              ("direct", "bool"), ("retain_graph", "bool"))
     TENSORS = "grads"
-    msg_id: int
-    context_id: int
-    pass_id: int
-    autograd_message_id: int
+    msg_id: U64
+    context_id: I64
+    pass_id: U64
+    autograd_message_id: U64
     grads: list
     direct: bool = False
     retain_graph: bool = False
@@ -494,13 +499,11 @@ class BackwardReturn(Message):
 
     TYPE = MessageType.BACKWARD_AUTOGRAD_RET
     IS_REPLY = True
-    FIELDS = (("msg_id", "u64"), ("context_id", "i64"), ("pass_id", "u64"), ("direct", "bool"),
-              ("retain_graph", "bool"))
     IDS = "autograd_message_ids"
     TENSORS = "grads"
-    msg_id: int
-    context_id: int
-    pass_id: int
+    msg_id: U64
+    context_id: I64
+    pass_id: U64
     direct: bool
     retain_graph: bool
     autograd_message_ids: list
@@ -512,9 +515,8 @@ class CleanupAutogradContext(Message):
     """Release context ``context_id`` here and on every worker it touched from here."""
 
     TYPE = MessageType.CLEANUP_AUTOGRAD_CONTEXT_REQ
-    FIELDS = (("msg_id", "u64"), ("context_id", "i64"))
-    msg_id: int
-    context_id: int
+    msg_id: U64
+    context_id: I64
 
 
 @dataclass(slots=True)
@@ -522,8 +524,11 @@ class RRefBackward(Message):
     """On the owner of ``rref_id``: run backward from its value in ``context_id``."""
 
     TYPE = MessageType.RREF_BACKWARD_REQ
-    FIELDS = (("msg_id", "u64"), ("rref_id", "gid"), ("context_id", "i64"), ("retain_graph", "bool"))
-    msg_id: int
+    msg_id: U64
     rref_id: GloballyUniqueId
-    context_id: int
+    context_id: I64
     retain_graph: bool
+
+
+#: The types whose messages are replies (``IS_REPLY``), matched to a pending request.
+REPLY_TYPES = frozenset(t for t, cls in _REGISTRY.items() if cls.__dict__.get("IS_REPLY") is True)

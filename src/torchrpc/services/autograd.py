@@ -25,25 +25,26 @@ send id gets an error reply naming it, and the worker carries on.
 from __future__ import annotations
 
 import itertools
-from typing import TYPE_CHECKING, Any, Iterable, NamedTuple, Optional
+from typing import Any, Iterable, NamedTuple, Optional
 
 import torch
 
 from ..errors import RPCError
 from ..futures import wait_all
 from ..protocol import messages as m
-from .context import ContextContainer, DistAutogradContext, PassState, UnknownContextError
-from .engine import Outcome, edge_of, walk
+from ..protocol.rref_context import RRefContext
+from ..runtime.endpoint import Endpoint
+from ..runtime.registry import HandlerRegistry, Run
+from ..protocol.autograd_context import ContextContainer, DistAutogradContext, PassState, UnknownContextError
+from ..protocol.autograd_engine import Outcome, edge_of, walk
 
-if TYPE_CHECKING:
-    from ..agent import Agent
 
 
 Returned = tuple[int, list]  # gradients going back to the requester: (its send's id, per-tensor grads)
 
 
 #: A cleanup request for a context holding this many bytes of tensors is not served by
-#: the connection's reader (see Agent._read): freeing them takes a while.
+#: the connection's reader (see runtime/reader.py): freeing them takes a while.
 LARGE_CONTEXT_BYTES = 1 << 20
 
 
@@ -61,19 +62,33 @@ class DistBackwardError(RPCError):
 
 
 class DistAutograd:
-    """The distributed autograd half of an agent."""
+    """Distributed autograd on one worker: its contexts, and the passes it takes part in.
+    Talks to peers through an :class:`~torchrpc.runtime.endpoint.Endpoint`; finds the values
+    of RRefs (for ``RRef.backward``) in the worker's RRef context."""
 
-    def __init__(self, agent: "Agent") -> None:
-        self.agent = agent
-        self.contexts = ContextContainer(agent.rank)
+    def __init__(self, endpoint: Endpoint, rrefs: RRefContext) -> None:
+        self.endpoint = endpoint
+        self.rrefs = rrefs
+        self.rank, self.name = endpoint.rank, endpoint.name
+        self.contexts = ContextContainer(endpoint.rank)
         self._ids = itertools.count(1)
         self._pass_ids = itertools.count(1)
+
+    def register(self, registry: HandlerRegistry) -> None:
+        # a discovery round waits on other workers' rounds: the reader hands the reading on first
+        registry.register(m.BackwardDiscover, self.handle_discover, Run.HAND_OFF)
+        # gradient deliveries run on the autograd pool (see Run.AUTOGRAD_POOL)
+        registry.register(m.PropagateGradients, self.handle_propagate, Run.AUTOGRAD_POOL)
+        # inline, unless the context holds large tensors: then handle_cleanup hands the reading on
+        registry.register(m.CleanupAutogradContext, self.handle_cleanup, Run.INLINE)
+        # the pass it starts sends requests, and sending one hands the reading on
+        registry.register(m.RRefBackward, self.handle_rref_backward, Run.INLINE)
 
     # --- recording the forward pass ---------------------------------------------------
 
     def record_send(self, context_id: int, peer: int, tensors: list[torch.Tensor]) -> int:
         """Record tensors that require grad leaving for ``peer``; their autograd message id."""
-        ag_id = (self.agent.rank << 48) | next(self._ids)
+        ag_id = (self.rank << 48) | next(self._ids)
         self.contexts.get_or_create(context_id).add_send(ag_id, peer, tensors)
         return ag_id
 
@@ -99,17 +114,17 @@ class DistAutograd:
         if ctx is None:
             return
         with ctx.lock:
-            peers = sorted(ctx.known_workers - {from_peer, self.agent.rank})
+            peers = sorted(ctx.known_workers - {from_peer, self.rank})
             ctx.clear()
         for peer in peers:
-            self.agent.send_control(peer, m.CleanupAutogradContext(0, context_id))
+            self.endpoint.notify_soon(peer, m.CleanupAutogradContext(0, context_id))
 
     def handle_cleanup(self, src: int, msg: m.CleanupAutogradContext, ag: Any = None) -> None:
         ctx = self.contexts.find(msg.context_id)
         if ctx is not None and ctx.nbytes() >= LARGE_CONTEXT_BYTES:
-            self.agent.hand_off_reading()  # freeing a training step's tensors takes a while
+            self.endpoint.hand_off_reading()  # freeing a training step's tensors takes a while
         self.release(msg.context_id, from_peer=src)
-        self.agent.reply_ack(src, msg.msg_id)
+        self.endpoint.reply_ack(src, msg.msg_id)
 
     # --- backward ------------------------------------------------------------------
 
@@ -131,7 +146,7 @@ class DistAutograd:
             if r.numel() != 1:
                 raise RuntimeError(f"roots of a distributed backward must be scalars; got shape {list(r.shape)}")
         ctx = self.contexts.get(context_id)
-        pass_id = (self.agent.rank << 48) | next(self._pass_ids)
+        pass_id = (self.rank << 48) | next(self._pass_ids)
         retain_graph, edges = bool(retain_graph), [edge_of(r) for r in roots]
         ones = [torch.ones_like(r) for r in roots]
         state = PassState(retain_graph=retain_graph, roots=edges)  # kept for views (graph) in both modes
@@ -159,7 +174,7 @@ class DistAutograd:
                     ids = by_peer.setdefault(ctx.recvs[ag_id].peer, [])
                     if ag_id not in ids:
                         ids.append(ag_id)
-        futs = [self.agent.control(peer, m.BackwardDiscover(0, ctx.context_id, pass_id, state.retain_graph, ids))
+        futs = [self.endpoint.control(peer, m.BackwardDiscover(0, ctx.context_id, pass_id, state.retain_graph, ids))
                 for peer, ids in by_peer.items()]
         wait_all(futs)
 
@@ -184,9 +199,9 @@ class DistAutograd:
                 state.active_sends.update(new)
             self._discover(ctx, msg.pass_id, state, edges)
         except BaseException as e:
-            self.agent.reply_error(src, msg.msg_id, self._named(e))
+            self.endpoint.reply_error(src, msg.msg_id, self._named(e))
             return
-        self.agent.reply_ack(src, msg.msg_id)
+        self.endpoint.reply_ack(src, msg.msg_id)
 
     def handle_propagate(self, src: int, msg: m.PropagateGradients, ag: Any = None) -> None:
         try:
@@ -196,7 +211,7 @@ class DistAutograd:
                                                        msg.autograd_message_id, grads)
             back = self._apply(ctx, msg.pass_id, outcome, msg.direct, retain_graph, requester=src)
         except BaseException as e:
-            self.agent.reply_error(src, msg.msg_id, self._named(e))
+            self.endpoint.reply_error(src, msg.msg_id, self._named(e))
             return
         self._reply_done(src, msg.msg_id, ctx, msg.pass_id, msg.direct, retain_graph, back)
 
@@ -255,7 +270,7 @@ class DistAutograd:
                 back.append((ag_id, grads))
             else:
                 # one request alone: this thread waits for it at once, and may read the reply
-                calls.append((peer, self.agent.control(peer, m.PropagateGradients(
+                calls.append((peer, self.endpoint.control(peer, m.PropagateGradients(
                     0, ctx.context_id, pass_id, ag_id, grads, direct, retain_graph), lead=len(going) == 1)))
         replies = wait_all([fut for _, fut in calls])
         for (peer, _), reply in zip(calls, replies):
@@ -288,16 +303,16 @@ class DistAutograd:
                     retain_graph: bool, back: list[Returned]) -> None:
         """Answer a finished request: an ack, or the gradients that go back to ``src``."""
         if not back:
-            self.agent.reply_ack(src, msg_id)
+            self.endpoint.reply_ack(src, msg_id)
             return
         grads = [g for _, gs in back for g in gs]
-        self.agent.reply(src, m.BackwardReturn(msg_id, ctx.context_id, pass_id, direct, retain_graph,
+        self.endpoint.reply(src, m.BackwardReturn(msg_id, ctx.context_id, pass_id, direct, retain_graph,
                                                [ag_id for ag_id, _ in back], grads))
 
     def _named(self, e: BaseException) -> BaseException:
         if isinstance(e, (DistBackwardError, UnknownContextError)):
             return e
-        err = DistBackwardError(f"distributed backward failed on worker {self.agent.name!r}: "
+        err = DistBackwardError(f"distributed backward failed on worker {self.name!r}: "
                                 f"{type(e).__name__}: {e}")
         err.__cause__ = e
         return err
@@ -319,7 +334,7 @@ class DistAutograd:
                              retain_graph: bool) -> None:
         """From a user of an RRef: ask its owner to run backward from its value, and run this
         worker's part from the gradients that come back in the reply."""
-        reply = self.agent.control(owner, m.RRefBackward(0, rref_id, context_id, retain_graph), lead=True).wait()
+        reply = self.endpoint.control(owner, m.RRefBackward(0, rref_id, context_id, retain_graph), lead=True).wait()
         if reply is not None:
             try:
                 self._take_returned(self.contexts.get(context_id), owner, reply, requester=None)
@@ -331,15 +346,15 @@ class DistAutograd:
             if msg.context_id < 0:
                 raise RPCError("RRef.backward with context id -1 (a local backward) can only run on the "
                                "owner; give a distributed autograd context id")
-            owner = self.agent.ctx.owners.get(msg.rref_id)
+            owner = self.rrefs.owners.get(msg.rref_id)
             if owner is None:
-                raise RPCError(f"worker {self.agent.name!r} owns no RRef with id {msg.rref_id}")
+                raise RPCError(f"worker {self.name!r} owns no RRef with id {msg.rref_id}")
             ctx = self.contexts.get(msg.context_id)
             if not owner.done():  # the caller waits for creation first, so this id is not a real RRef
-                raise RPCError(f"RRef {msg.rref_id} on worker {self.agent.name!r} has no value (it was never created)")
+                raise RPCError(f"RRef {msg.rref_id} on worker {self.name!r} has no value (it was never created)")
             done = self.rref_backward(msg.rref_id, owner.value(), msg.context_id, msg.retain_graph, requester=src)
         except BaseException as e:
-            self.agent.reply_error(src, msg.msg_id, self._named(e))
+            self.endpoint.reply_error(src, msg.msg_id, self._named(e))
             return
         self._reply_done(src, msg.msg_id, ctx, done.pass_id, done.direct, msg.retain_graph, done.returned)
 

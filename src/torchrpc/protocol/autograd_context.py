@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 
 from ..errors import RPCError
-from .engine import Edge, LocalBackward, edge_of, walk
+from .autograd_engine import Edge, LocalBackward, edge_of, walk
 
 _tls = threading.local()
 
