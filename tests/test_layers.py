@@ -349,3 +349,23 @@ def test_walker_ignores_type_checking_imports(tmp_path):
     assert find_cycles(graph) == []
     assert layer_of("pkg.x.y", {"pkg.x.*": 1, "pkg.*": 0, "pkg.x.z": 2}) == 1
     assert layer_of("pkg.x", {"pkg.x.*": 1, "pkg.x": 3}) == 3
+
+
+#: The largest a module (the benchmark aside) and a class may grow, in lines: past that,
+#: a part holds more than one concern and should be split.
+MAX_MODULE_LINES = 600
+MAX_CLASS_LINES = 400
+
+
+def test_modules_and_classes_stay_small():
+    too_big = []
+    for path in sorted((SRC / TOP).rglob("*.py")):
+        if "bench" in path.relative_to(SRC / TOP).parts:
+            continue
+        text = path.read_text()
+        if text.count("\n") > MAX_MODULE_LINES:
+            too_big.append(f"module {path.relative_to(SRC)}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > MAX_CLASS_LINES:
+                too_big.append(f"class {node.name} in {path.relative_to(SRC)}: {node.end_lineno - node.lineno + 1} lines")
+    assert not too_big, "split these: " + "; ".join(too_big)

@@ -193,6 +193,7 @@ def test_a_request_the_peer_starts_is_served_while_the_reading_is_free():
 
 def _async_after_sync(rank, world_size):
     reader_mod.FREE_FOR = 1e9  # the monitor never picks a free reading up
+    heartbeat_mod.HEARTBEAT_INTERVAL = 60.0  # a heartbeat arriving with the reply would keep it read
     init(rank, world_size)
     out = {}
     if rank == 0:
