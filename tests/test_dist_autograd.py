@@ -952,18 +952,18 @@ def _bad_input(rank, world_size):
             expect("rref_unknown_rref", m.RRefBackward(0, Gid(1, 10**9), cid, False))
             expect("rref_unknown_context", m.RRefBackward(0, rid, UNKNOWN_CTX, False))
             expect("rref_context_minus_1", m.RRefBackward(0, rid, -1, False))
-            expect("propagate_unknown_context", m.PropagateGradients(0, UNKNOWN_CTX, 1, s1, grad3))
-            expect("propagate_unknown_pass", m.PropagateGradients(0, cid, 777, s1, grad3))
+            expect("propagate_unknown_context", m.PropagateGradients(0, UNKNOWN_CTX, 1, [s1], grad3))
+            expect("propagate_unknown_pass", m.PropagateGradients(0, cid, 777, [s1], grad3))
             expect("discover_unknown_context", m.BackwardDiscover(0, UNKNOWN_CTX, FAKE_PASS, False, [s1]))
             expect("discover_unknown_send", m.BackwardDiscover(0, cid, FAKE_PASS, False, [(1 << 48) | 99999]))
             # a (forged) discovery of pass FAKE_PASS is well-formed: acked; it lets the next cases reach
             # the checks that come after "which pass"
             expect("discover_ok", m.BackwardDiscover(0, cid, FAKE_PASS, False, [s1]))
-            expect("propagate_unknown_message_id", m.PropagateGradients(0, cid, FAKE_PASS, (1 << 48) | 99999, grad3))
-            expect("propagate_wrong_shape", m.PropagateGradients(0, cid, FAKE_PASS, s1, [torch.ones(7, dtype=torch.float64)]))
-            expect("propagate_too_few_gradients", m.PropagateGradients(0, cid, FAKE_PASS, s1, []))
+            expect("propagate_unknown_message_id", m.PropagateGradients(0, cid, FAKE_PASS, [(1 << 48) | 99999], grad3))
+            expect("propagate_wrong_shape", m.PropagateGradients(0, cid, FAKE_PASS, [s1], [torch.ones(7, dtype=torch.float64)]))
+            expect("propagate_too_few_gradients", m.PropagateGradients(0, cid, FAKE_PASS, [s1], []))
             errors["propagate_from_wrong_worker"] = rpc.rpc_sync(
-                2, send_from_here, args=(1, m.PropagateGradients(0, cid, FAKE_PASS, s1, grad3)))
+                2, send_from_here, args=(1, m.PropagateGradients(0, cid, FAKE_PASS, [s1], grad3)))
             expect("cleanup_unknown_context", m.CleanupAutogradContext(0, UNKNOWN_CTX))
 
             # frames whose header has one field too few or too many
@@ -973,7 +973,7 @@ def _bad_input(rank, world_size):
             FA, BD = m.MessageType.FORWARD_AUTOGRAD, m.MessageType.BACKWARD_DISCOVER
             PG, CL, RB = m.MessageType.BACKWARD_AUTOGRAD_REQ, m.MessageType.CLEANUP_AUTOGRAD_CONTEXT_REQ, m.MessageType.RREF_BACKWARD_REQ
             ids = struct.pack("<Q", s1)
-            tens = m.PropagateGradients(0, 0, 0, 0, grad3).encode()[1:]
+            tens = m.PropagateGradients(0, 0, 0, [0], grad3).encode()[1:]
             raw = {
                 "fa_short": lambda mid: [struct.pack("<BQq", FA, mid, cid), *call_frames(mid, "fa_short")],
                 "fa_long": lambda mid: [struct.pack("<BQqQQ", FA, mid, cid, 0, 0), *call_frames(mid, "fa_long")],
@@ -1029,9 +1029,9 @@ def _bad_input(rank, world_size):
             t_simple()
             with use_context(None):
                 (s2, _), = rpc.rpc_sync(1, context_info, args=(cid2,))["sends"].items()
-            direct = m.PropagateGradients(0, cid2, FAKE_PASS, s2, grad3, True, True)
+            direct = m.PropagateGradients(0, cid2, FAKE_PASS, [s2], grad3, True, True)
             expect("propagate_direct_first", direct)
-            expect("propagate_direct_twice", m.PropagateGradients(0, cid2, FAKE_PASS, s2, grad3, True, True))
+            expect("propagate_direct_twice", m.PropagateGradients(0, cid2, FAKE_PASS, [s2], grad3, True, True))
     rpc.shutdown()
     return out
 
@@ -1112,7 +1112,7 @@ def _too_many_gradients(rank, world_size):
             agent.control(1, m.BackwardDiscover(0, cid, FAKE_PASS, False, [s1])).wait()
             grads = [torch.ones(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)]
             try:
-                agent.control(1, m.PropagateGradients(0, cid, FAKE_PASS, s1, grads)).wait()
+                agent.control(1, m.PropagateGradients(0, cid, FAKE_PASS, [s1], grads)).wait()
                 out["error"] = None
             except Exception as e:  # noqa: BLE001
                 out["error"] = str(e)
@@ -1492,3 +1492,94 @@ def test_bad_gradients_in_a_reply_fail_the_backward_clearly():
         # worker0's own part ran (wA), but nothing from the bad reply did (xA)
         assert sorted(out[how + "_grads"]) == ["wA"], (how, out[how + "_grads"])
     assert_matches_reference("simple", out["simple"])
+
+
+# ======================================================================================
+# 8. At size: one context with 10,000 sends
+# ======================================================================================
+
+SIZE_SENDS = 10_000
+
+
+def _own_param(rank: int) -> torch.Tensor:
+    """Each worker's parameter (float64), the same in every process that builds it."""
+    return torch.linspace(0.5, 1.5, 4, dtype=torch.float64) * (rank + 1)
+
+
+_SIZE_PARAM: dict = {}
+
+
+def size_param() -> torch.Tensor:
+    rank = rpc.get_worker_info().id
+    if rank not in _SIZE_PARAM:
+        _SIZE_PARAM[rank] = _own_param(rank).requires_grad_()
+    return _SIZE_PARAM[rank]
+
+
+def size_step(x: torch.Tensor, i: int) -> torch.Tensor:
+    """Worker 1 or 2: combine the caller's tensor with this worker's parameter; every fifth call
+    goes on to the other of the two (a nested send, so the chain has two hops)."""
+    me = rpc.get_worker_info().id
+    h = (x * size_param()[i % 4]).sin()
+    if i % 5 == 0:
+        h = rpc.rpc_sync(3 - me, size_step, args=(h, i + 1))
+    return h
+
+
+def size_grads(cid: int) -> list:
+    return dist_autograd.get_gradients(cid)[size_param()].tolist()
+
+
+def context_ids() -> list:
+    return rpc.api.current.agent().autograd.contexts.ids()
+
+
+def reference_at_size(n: int) -> tuple[list, dict]:
+    """The same computation in one process: (loss, gradients of the three parameters)."""
+    params = {r: _own_param(r).requires_grad_() for r in range(3)}
+
+    def step(x, i, worker):
+        h = (x * params[worker][i % 4]).sin()
+        return step(h, i + 1, 3 - worker) if i % 5 == 0 else h
+
+    ys = [step(params[0], i, 1 + i % 2) for i in range(n)]
+    loss = torch.stack(ys).sum() / n
+    loss.backward()
+    return loss.item(), {r: p.grad.tolist() for r, p in params.items()}
+
+
+def _autograd_at_size(rank, world_size):
+    init(rank, world_size, rpc_timeout=120)
+    out = {}
+    if rank == 0:
+        w = _own_param(0).requires_grad_()
+        with dist_autograd.context() as cid:
+            ys = [rpc.rpc_sync(1 + i % 2, size_step, args=(w, i)) for i in range(SIZE_SENDS)]
+            loss = torch.stack(ys).sum() / SIZE_SENDS
+            dist_autograd.backward(cid, [loss])
+            out["loss"] = loss.item()
+            out["grads"] = {0: dist_autograd.get_gradients(cid)[w].tolist(),
+                            **{r: rpc.rpc_sync(r, size_grads, args=(cid,)) for r in (1, 2)}}
+            out["contexts_inside"] = [len(rpc.rpc_sync(r, context_ids)) for r in (1, 2)]
+        del ys, loss
+        deadline = time.monotonic() + 10  # cleanup travels after the context ends
+        while time.monotonic() < deadline:
+            out["contexts_after"] = [len(context_ids())] + [len(rpc.rpc_sync(r, context_ids)) for r in (1, 2)]
+            if out["contexts_after"] == [0, 0, 0]:
+                break
+            time.sleep(0.05)
+        out["pending_after"] = [rpc.rpc_sync(r, rpc.debug_info)["pending_calls"] for r in (1, 2)]
+    rpc.shutdown()
+    return out
+
+
+@pytest.mark.timeout(240)
+def test_a_context_of_ten_thousand_sends_gives_one_process_gradients_and_leaves_nothing():
+    out = run_workers(_autograd_at_size, 3, timeout=220)[0]
+    loss, grads = reference_at_size(SIZE_SENDS)
+    assert out["loss"] == pytest.approx(loss, rel=1e-12)
+    for r in range(3):
+        assert out["grads"][r] == pytest.approx(grads[r], rel=1e-9, abs=1e-12), r
+    assert out["contexts_inside"] == [1, 1]
+    assert out["contexts_after"] == [0, 0, 0]
+    assert out["pending_after"] == [{}, {}]

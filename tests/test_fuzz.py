@@ -208,9 +208,9 @@ def _overflowing_gradient_frame(msg_id=7, context_id=1, pass_id=1, ag_id=1) -> l
     Its data buffer (0 bytes) fits the shape, so the codec's checks pass; rebuilding the
     tensor then raises TypeError (overflow) instead of ProtocolError.
     """
-    head = _frame(m.PropagateGradients(msg_id, context_id, pass_id, ag_id, []))[0]
+    head, ids = _frame(m.PropagateGradients(msg_id, context_id, pass_id, [ag_id], []))[:2]
     meta = struct.pack("<BBB", 1, 0, 2) + struct.pack("<2Q", 0, 1 << 63)
-    return [head, meta, b""]
+    return [head, ids, meta, b""]
 
 
 class RawPeer:
@@ -447,7 +447,7 @@ class CaseGen:
                                                            self.rng.random() < 0.5,
                                                            [self.ag_id() for _ in range(self.rng.randrange(4))]),
             m.PropagateGradients: lambda: m.PropagateGradients(self.mid(), self.context_id(), self.pass_id(),
-                                                               self.ag_id(), self.tensors(),
+                                                               [self.ag_id()], self.tensors(),
                                                                self.rng.random() < 0.5, self.rng.random() < 0.5),
             m.BackwardReturn: lambda: m.BackwardReturn(self.reply_id(), self.context_id(), self.pass_id(),
                                                        self.rng.random() < 0.5, self.rng.random() < 0.5,
@@ -658,7 +658,7 @@ class CaseGen:
             head = _frame(m.BackwardDiscover(self.mid(), self.context_id(), self.pass_id(), False, []))[0]
             return "bad-ids", [head, rng.randbytes(rng.choice([1, 7, 9, 15]))]
         if k == 3:  # tensor metadata: bad dtype code, ndim, shapes that do not fit, buffers left over
-            head = _frame(m.PropagateGradients(self.mid(), self.context_id(), self.pass_id(), self.ag_id(), []))[0]
+            head, ids = _frame(m.PropagateGradients(self.mid(), self.context_id(), self.pass_id(), [self.ag_id()], []))[:2]
             meta = rng.choice([
                 struct.pack("<BBB", 1, rng.randrange(len(DTYPES), 256), 0),
                 struct.pack("<BBB", 1, 0, 65),
@@ -667,7 +667,7 @@ class CaseGen:
                 struct.pack("<BBB", 1, 0, 1),
                 struct.pack("<BB", 1, 0),
             ])
-            return "bad-tensors", [head, meta, *[rng.randbytes(rng.randrange(16)) for _ in range(rng.randrange(3))]]
+            return "bad-tensors", [head, ids, meta, *[rng.randbytes(rng.randrange(16)) for _ in range(rng.randrange(3))]]
         if k == 4:  # texts that are not UTF-8
             return "bad-text", _frame(m.ExceptionReply(self.reply_id(), m.Payload(b""), "", "", ""))[:2] + [
                 b"\xff\xfe\xc3", b"\xed\xa0\x80", rng.randbytes(10)]

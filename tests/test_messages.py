@@ -104,10 +104,10 @@ def examples():
         m.ForwardAutograd(U64, -1, (1 << 48) | 1, m.PythonReturn(U64, payload(b"reply", [b"t" * 24]))),
         m.BackwardDiscover(13, (1 << 48) | 3, (2 << 48) | 1, True, [1, U64, 0, (5 << 48) | 9]),
         m.BackwardDiscover(14, I64_MAX, U64, False, []),
-        m.PropagateGradients(15, (2 << 48) | 4, 7, (1 << 48) | 2, gradient_list()),
-        m.PropagateGradients(16, -1, 0, 0, []),
-        m.PropagateGradients(17, 1, U64, U64, [None, None], True, True),
-        m.PropagateGradients(19, 1, 2, 3, [torch.ones(2)], True, False),
+        m.PropagateGradients(15, (2 << 48) | 4, 7, [(1 << 48) | 2], gradient_list()),
+        m.PropagateGradients(16, -1, 0, [], []),
+        m.PropagateGradients(17, 1, U64, [U64, 0], [None, None], True, True),
+        m.PropagateGradients(19, 1, 2, [3], [torch.ones(2)], True, False),
         m.BackwardReturn(20, (1 << 48) | 2, 9, True, False, [(2 << 48) | 5, 7], gradient_list()),
         m.BackwardReturn(21, -1, U64, False, True, [], []),
         m.CleanupAutogradContext(18, I64_MAX),
@@ -226,7 +226,7 @@ _plain_message = st.one_of(
     st.builds(m.Hello, u64, u32, texts),
     st.builds(m.Heartbeat, u64),
     st.builds(m.BackwardDiscover, u64, i64, u64, st.booleans(), st.lists(u64, max_size=5)),
-    st.builds(m.PropagateGradients, u64, i64, u64, u64, st.lists(small_tensors, max_size=4), st.booleans(), st.booleans()),
+    st.builds(m.PropagateGradients, u64, i64, u64, st.lists(u64, max_size=4), st.lists(small_tensors, max_size=4), st.booleans(), st.booleans()),
     st.builds(m.BackwardReturn, u64, i64, u64, st.booleans(), st.booleans(), st.lists(u64, max_size=4),
               st.lists(small_tensors, max_size=4)),
     st.builds(m.CleanupAutogradContext, u64, i64),
@@ -470,30 +470,33 @@ def _meta(*entries):
 
 
 def test_propagate_gradients_malformed():
-    head = struct.pack("<BQqQQBB", m.MessageType.BACKWARD_AUTOGRAD_REQ, 1, 2, 3, 4, 1, 0)
+    head = struct.pack("<BQqQBB", m.MessageType.BACKWARD_AUTOGRAD_REQ, 1, 2, 3, 1, 0)
+    ids = struct.pack("<Q", 4)  # the sends the gradients are for
     f64 = 1  # tensor_codec.DTYPES index of float64
-    ok = m.decode([head, _meta((f64, (2,)), None), struct.pack("<2d", 1.0, 2.0)])
+    ok = m.decode([head, ids, _meta((f64, (2,)), None), struct.pack("<2d", 1.0, 2.0)])
     assert ok.grads[1] is None and ok.grads[0].tolist() == [1.0, 2.0] and ok.grads[0].dtype == torch.float64
-    assert ok.direct is True and ok.retain_graph is False
+    assert ok.direct is True and ok.retain_graph is False and ok.autograd_message_ids == [4]
     with pytest.raises(ProtocolError, match="not a boolean"):
-        m.decode([struct.pack("<BQqQQBB", m.MessageType.BACKWARD_AUTOGRAD_REQ, 1, 2, 3, 4, 0, 7), b""])
-    assert m.decode([head, b""]).grads == []
+        m.decode([struct.pack("<BQqQBB", m.MessageType.BACKWARD_AUTOGRAD_REQ, 1, 2, 3, 0, 7), ids, b""])
+    assert m.decode([head, ids, b""]).grads == []
     with pytest.raises(ProtocolError, match="metadata buffer"):
-        m.decode([head])
+        m.decode([head, ids])
     with pytest.raises(ProtocolError, match="more tensors than buffers"):
-        m.decode([head, _meta((f64, (2,)))])
+        m.decode([head, ids, _meta((f64, (2,)))])
     with pytest.raises(ProtocolError, match="left over"):
-        m.decode([head, _meta(None), struct.pack("<d", 1.0)])
+        m.decode([head, ids, _meta(None), struct.pack("<d", 1.0)])
     with pytest.raises(ProtocolError, match="does not fit"):
-        m.decode([head, _meta((f64, (3,))), struct.pack("<2d", 1.0, 2.0)])
+        m.decode([head, ids, _meta((f64, (3,))), struct.pack("<2d", 1.0, 2.0)])
     with pytest.raises(ProtocolError, match="bad tensor metadata"):
-        m.decode([head, _meta((200, (2,))), struct.pack("<2d", 1.0, 2.0)])  # unknown dtype code
+        m.decode([head, ids, _meta((200, (2,))), struct.pack("<2d", 1.0, 2.0)])  # unknown dtype code
     with pytest.raises(ProtocolError, match="bad tensor metadata"):
-        m.decode([head, struct.pack("<BBB", 1, f64, 2) + struct.pack("<Q", 2), struct.pack("<2d", 1.0, 2.0)])
+        m.decode([head, ids, struct.pack("<BBB", 1, f64, 2) + struct.pack("<Q", 2), struct.pack("<2d", 1.0, 2.0)])
     with pytest.raises(ProtocolError, match="bad tensor metadata"):
-        m.decode([head, struct.pack("<BBB", 1, f64, 65) + b"\x00" * 8 * 65, b""])  # ndim > 64
+        m.decode([head, ids, struct.pack("<BBB", 1, f64, 65) + b"\x00" * 8 * 65, b""])  # ndim > 64
     with pytest.raises(ProtocolError, match="truncated"):
-        m.decode([head, _meta(None) + b"\x01\x01"])  # a tensor head cut short
+        m.decode([head, ids, _meta(None) + b"\x01\x01"])  # a tensor head cut short
+    with pytest.raises(ProtocolError, match="id list"):
+        m.decode([head, b"\x01\x02\x03", _meta(None)])
     with pytest.raises(ProtocolError, match="header has"):
         m.decode([struct.pack("<BQqQ", m.MessageType.BACKWARD_AUTOGRAD_REQ, 1, 2, 3), b""])
     with pytest.raises(ProtocolError, match="header has"):
@@ -502,7 +505,7 @@ def test_propagate_gradients_malformed():
 
 def test_gradients_may_only_be_dense_cpu_tensors_of_known_dtypes():
     with pytest.raises(TypeError):
-        m.PropagateGradients(1, 2, 3, 4, [torch.zeros(2, dtype=torch.uint16)]).encode()
+        m.PropagateGradients(1, 2, 3, [4], [torch.zeros(2, dtype=torch.uint16)]).encode()
     with pytest.raises(TypeError):
         m.PropagateGradients(1, 2, 3, 4, [torch.zeros(2).to_sparse()]).encode()
 

@@ -543,7 +543,7 @@ def test_dispatch_request_returns_its_job(d):
     assert d.call.calls == [] and d.errors.calls == []  # dispatch only finds the job
     assert d.pool.submitted == [] and d.autograd_pool.submitted == []
 
-    fn, args, run = d(2, m.PropagateGradients(6, 1, 2, 3, [None]))
+    fn, args, run = d(2, m.PropagateGradients(6, 1, 2, [3], [None]))
     assert run is Run.AUTOGRAD_POOL and args[0] == 2 and type(args[1]) is m.PropagateGradients
 
 
@@ -1167,8 +1167,7 @@ HEADERS = {
     m.MessageType.FORWARD_AUTOGRAD: (ID, ("context_id", "i64"), ("autograd_message_id", "u64"),
                                      ("converges", "bool")),
     m.MessageType.BACKWARD_DISCOVER: (ID, ("context_id", "i64"), ("pass_id", "u64"), ("retain_graph", "bool")),
-    m.MessageType.BACKWARD_AUTOGRAD_REQ: (ID, ("context_id", "i64"), ("pass_id", "u64"),
-                                          ("autograd_message_id", "u64"), ("direct", "bool"),
+    m.MessageType.BACKWARD_AUTOGRAD_REQ: (ID, ("context_id", "i64"), ("pass_id", "u64"), ("direct", "bool"),
                                           ("retain_graph", "bool")),
     m.MessageType.CLEANUP_AUTOGRAD_CONTEXT_REQ: (ID, ("context_id", "i64")),
     m.MessageType.RREF_BACKWARD_REQ: (ID, ("rref_id", "gid"), ("context_id", "i64"), ("retain_graph", "bool")),

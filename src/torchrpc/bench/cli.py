@@ -8,7 +8,7 @@ import tempfile
 
 import torch
 
-from . import report, runner
+from . import plots, report, runner
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--round-timeout", type=float, default=None, metavar="S",
                    help="seconds before a round is killed and recorded as failed "
                         "(default 180; --quick 60)")
+    p.add_argument("--plot", default=None, metavar="DIR",
+                   help="write PNG plots of the run into DIR (W7: microseconds per send against N)")
     p.add_argument("--logs", default=None, metavar="DIR",
                    help="keep every process's log in DIR (default: a temporary folder, removed)")
     return p
@@ -86,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         report.print_report(run, rows, sys.stdout)
         if args.json:
             report.write_json(rows, args.json)
+        if args.plot:
+            for path in plots.write_plots(rows, args.plot):
+                print(f"plot: {path}", file=sys.stderr)
         sys.stdout.flush()
     finally:
         if not args.logs:

@@ -46,6 +46,9 @@ class Workload:
     reference: str | None = None   # an extra non-RPC "backend" measured alongside
 
 
+#: W7's context sizes (sends per context) in the full bench; the quick and smoke runs take a prefix
+AUTOGRAD_SIZES = (100, 1000, 10000)
+
 WORKLOADS: dict[str, Workload] = {w.wid: w for w in [
     Workload("W1", "small-call latency", "small-call latency: rpc_sync(add, (1, 2))", 2,
              (Metric("p50_us", "p50", "us", "lower"), Metric("p99_us", "p99", "us", "lower"))),
@@ -59,6 +62,13 @@ WORKLOADS: dict[str, Workload] = {w.wid: w for w in [
              (Metric("steps_per_s", "rate", "steps/s", "higher"),), reference="one-process"),
     Workload("W6", "RRef.backward", "RRef.backward(ctx) from a non-owner", 2,
              (Metric("p50_us", "p50", "us", "lower"),)),
+    Workload("W7", "autograd at size", "N x rpc_sync(mul2, x) in one context, then dist_autograd.backward", 2,
+             (Metric("first_bwd_ms", "first backward", "ms", "lower"),
+              *(m for n in AUTOGRAD_SIZES for m in (Metric(f"fwd_us_{n}", f"N={n:,} forward/call", "us", "lower"),
+                                                     Metric(f"bwd_us_{n}", f"N={n:,} backward/send", "us",
+                                                            "lower"))))),
+    Workload("W8", "owner memory per RRef", "RSS growth of an owner holding N RRefs of 1-element tensors", 2,
+             (Metric("bytes_per_rref", "per live RRef", "bytes", "lower"),)),
 ]}
 
 FLOORS: dict[str, tuple[str, str, Metric]] = {
@@ -84,12 +94,15 @@ DEFAULT_ROUND_TIMEOUT = {"full": 180.0, "quick": 60.0, "smoke": 30.0}
 # (warm-up, timed) iterations; W2 counts calls, W5 training steps
 ITERATIONS: dict[str, dict[str, tuple[int, int]]] = {
     "full": {"W1": (300, 5000), "W2": (1000, 20000), "W3_1MiB": (20, 300), "W3_64MiB": (3, 30),
-             "W4": (100, 2000), "W5": (3, 30), "W6": (30, 1000), "F1": (1000, 20000), "F2": (3, 50)},
+             "W4": (100, 2000), "W5": (3, 30), "W6": (30, 1000), "W8": (1000, 20000),
+             "F1": (1000, 20000), "F2": (3, 50)},
     "quick": {"W1": (100, 1000), "W2": (256, 3000), "W3_1MiB": (10, 80), "W3_64MiB": (2, 6),
-              "W4": (50, 300), "W5": (2, 8), "W6": (10, 150), "F1": (200, 3000), "F2": (2, 10)},
+              "W4": (50, 300), "W5": (2, 8), "W6": (10, 150), "W8": (200, 5000), "F1": (200, 3000), "F2": (2, 10)},
     "smoke": {"W1": (5, 30), "W2": (64, 200), "W3_1MiB": (2, 5), "W3_64MiB": (1, 2),
-              "W4": (5, 20), "W5": (1, 2), "W6": (2, 10), "F1": (10, 100), "F2": (1, 3)},
+              "W4": (5, 20), "W5": (1, 2), "W6": (2, 10), "W8": (10, 100), "F1": (10, 100), "F2": (1, 3)},
 }
+#: W7's sizes per mode (the table shows the full run's; a shorter run leaves the larger ones out)
+W7_SIZES = {"full": AUTOGRAD_SIZES, "quick": AUTOGRAD_SIZES[:2], "smoke": (10, 30)}
 
 
 def params_for(mode: str) -> dict[str, dict]:
@@ -106,6 +119,8 @@ def params_for(mode: str) -> dict[str, dict]:
         "W4": it("W4"),
         "W5": it("W5"),
         "W6": it("W6"),
+        "W7": {"sizes": list(W7_SIZES[mode])},
+        "W8": it("W8"),
         "F1": {**it("F1"), "msg_bytes": 64},
         "F2": {**it("F2"), "nbytes": 64 * MiB},
     }

@@ -279,8 +279,70 @@ def drive_w6(B: Backend, p: dict, stage: Stage) -> dict:
     return {"p50_us": percentile(times, 50) / 1e3}
 
 
+def mul2(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+def _sends_then_backward(B: Backend, n: int) -> tuple[float, float]:
+    """``n`` rpc_sync(mul2, x) in one context, then one backward: (ns per call, ns per send)."""
+    rpc, dist_autograd = B.rpc, B.autograd
+    x = torch.ones(4, requires_grad=True)
+    with dist_autograd.context() as ctx:
+        t0 = _ns()
+        ys = [rpc.rpc_sync("worker1", mul2, args=(x,)) for _ in range(n)]
+        t1 = _ns()
+        dist_autograd.backward(ctx, [torch.stack(ys).sum()])
+        t2 = _ns()
+        grad = dist_autograd.get_gradients(ctx).get(x)
+        if grad is None or not torch.equal(grad, torch.full((4,), 2.0 * n)):
+            raise AssertionError(f"wrong gradient after {n} sends: {grad}")
+    return (t1 - t0) / n, (t2 - t1) / n
+
+
+def drive_w7(B: Backend, p: dict, stage: Stage) -> dict:
+    """Distributed autograd at size: N calls in one context, then one backward. First, the
+    first backward of this process (a 10-send context)."""
+    out = {}
+    stage("first backward")
+    _, per_send = _sends_then_backward(B, 10)
+    out["first_bwd_ms"] = per_send * 10 / 1e6
+    for n in p["sizes"]:
+        stage(f"{n} sends")
+        fwd, bwd = _sends_then_backward(B, n)
+        out[f"fwd_us_{n}"], out[f"bwd_us_{n}"] = fwd / 1e3, bwd / 1e3
+    return out
+
+
+def make_scalar(i: int) -> torch.Tensor:
+    return torch.tensor([float(i)])
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def drive_w8(B: Backend, p: dict, stage: Stage) -> dict:
+    """Owner memory per live RRef: worker1's RSS growth while it owns N one-element tensors."""
+    rpc = B.rpc
+    stage("warm-up")
+    warm = [rpc.remote("worker1", make_scalar, args=(i,)) for i in range(p["warmup"])]
+    for r in warm:
+        r.to_here()
+    before = rpc.rpc_sync("worker1", rss_bytes)
+    stage("creating RRefs")
+    rrefs = [rpc.remote("worker1", make_scalar, args=(i,)) for i in range(p["iters"])]
+    for r in rrefs[-64:]:
+        r.to_here()
+    rpc.rpc_sync("worker1", add, args=(1, 1))  # every creation before it has been served
+    after = rpc.rpc_sync("worker1", rss_bytes)
+    del rrefs, warm
+    return {"bytes_per_rref": (after - before) / p["iters"]}
+
+
 DRIVERS: dict[str, Callable[[Backend, dict, Stage], dict]] = {
     "W1": drive_w1, "W2": drive_w2, "W3": drive_w3, "W4": drive_w4, "W5": drive_w5, "W6": drive_w6,
+    "W7": drive_w7, "W8": drive_w8,
 }
 
 # --------------------------------------------------------------------------------------

@@ -97,18 +97,25 @@ class DistAutogradContext:
         self.known_workers: set[int] = set()
         self.passes: dict[int, PassState] = {}
         self.converges = False
-        self._send_reach: dict[int, frozenset[int]] = {}
+        #: ids of the nodes this worker's sends reach (see :meth:`reach`), while no two overlap
+        self._send_reach: set[int] = set()
         #: (pass id, send id) of the deliveries of passes that skipped discovery
         self.direct_deliveries: set[tuple[int, int]] = set()
 
     def add_send(self, autograd_message_id: int, peer: int, tensors: list[torch.Tensor]) -> None:
         with self.lock:
-            self.sends[autograd_message_id] = Exchange(peer, tensors, [edge_of(t) for t in tensors])
+            edges = [edge_of(t) for t in tensors]
+            self.sends[autograd_message_id] = Exchange(peer, tensors, edges)
             self.known_workers.add(peer)
-            if not self.converges and len(self.sends) > 1:
-                new = self.send_reach(autograd_message_id)
-                self.converges = any(new & self.send_reach(other)
-                                     for other in self.sends if other != autograd_message_id)
+            if not self.converges:
+                # the sends so far reach disjoint sets of nodes, so each node is walked once
+                # in the whole forward pass: a send costs the size of its own new subgraph
+                new = self.reach(edges)
+                if new.isdisjoint(self._send_reach):
+                    self._send_reach |= new
+                else:
+                    self.converges = True
+                    self._send_reach = set()
 
     def add_recv(self, autograd_message_id: int, peer: int, tensors: list[torch.Tensor],
                  converges: bool = False) -> None:
@@ -127,12 +134,6 @@ class DistAutogradContext:
         inner, sinks = walk([e for e in edges if e is not None])
         return frozenset([id(n) for n in inner] + [id(s) for s in sinks if self.recv_of(s.variable) is not None])
 
-    def send_reach(self, autograd_message_id: int) -> frozenset[int]:
-        reach = self._send_reach.get(autograd_message_id)
-        if reach is None:
-            reach = self._send_reach[autograd_message_id] = self.reach(self.send_edges(autograd_message_id))
-        return reach
-
     def may_skip_discovery(self, roots: list[Optional[Edge]]) -> bool:
         """Whether a pass from ``roots`` started here can run each gradient on arrival.
 
@@ -141,10 +142,7 @@ class DistAutogradContext:
         with self.lock:
             if self.converges:
                 return False
-            if not self.sends:
-                return True
-            from_roots = self.reach(roots)
-            return not any(from_roots & self.send_reach(ag_id) for ag_id in self.sends)
+            return not self.sends or self.reach(roots).isdisjoint(self._send_reach)
 
     def recv_of(self, t: torch.Tensor) -> Optional[tuple[int, int]]:
         hit = self._recv_index.get(id(t))
@@ -177,9 +175,11 @@ class DistAutogradContext:
 
     def engine(self, sources: dict[Any, list[Optional[Edge]]], retain_graph: bool) -> LocalBackward:
         """A local engine fed by ``sources`` (key -> edges); recvs are this context's."""
-        with self.lock:
-            sizes = {ag_id: len(ex.tensors) for ag_id, ex in self.recvs.items()}
-        return LocalBackward(sources, self.recv_of, sizes, retain_graph)
+        return LocalBackward(sources, self.recv_of, self.recv_size, retain_graph)
+
+    def recv_size(self, autograd_message_id: int) -> int:
+        """How many tensors recv ``autograd_message_id`` holds."""
+        return len(self.recvs[autograd_message_id].tensors)
 
     def nbytes(self) -> int:
         """Bytes of the tensors held: accumulated gradients and the tensors sent and received."""

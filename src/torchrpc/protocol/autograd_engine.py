@@ -29,6 +29,23 @@ from torch.autograd.graph import GradientEdge
 
 Edge = tuple[Any, int]  # (autograd node, output number)
 
+try:
+    from torch.autograd.graph import _engine_run_backward
+except ImportError:  # pragma: no cover - torch before 2.3
+    _engine_run_backward = None
+
+
+def engine_grad(outputs: list[GradientEdge], inputs: list[GradientEdge], grads: list[torch.Tensor],
+                retain_graph: bool) -> tuple:
+    """``torch.autograd.grad(outputs, inputs, grads, retain_graph, allow_unused=True)``, without the
+    Python-side checks of ``grads`` (they fit by construction here): on first use those import
+    sympy, 0.3-0.7 s in the first distributed backward of a process. Unreached inputs get None."""
+    if _engine_run_backward is None:
+        return torch.autograd.grad(outputs, inputs, grads, retain_graph=retain_graph, allow_unused=True,
+                                   materialize_grads=False)
+    return _engine_run_backward(tuple(outputs), tuple(grads), retain_graph, False, tuple(inputs), True,
+                                accumulate_grad=False)
+
 
 def edge_of(t: torch.Tensor) -> Edge:
     e = torch.autograd.graph.get_gradient_edge(t)
@@ -82,7 +99,7 @@ class LocalBackward:
             needs no gradient). Every key must be delivered exactly once.
         recv_of: maps a leaf tensor to ``(recv key, index)`` if it is a received
             tensor, else None.
-        recv_sizes: recv key -> number of tensors in that recv.
+        recv_size: recv key -> number of tensors in that recv.
         retain_graph: keep the graph's buffers for another pass.
     """
 
@@ -90,13 +107,12 @@ class LocalBackward:
         self,
         sources: dict[Hashable, list[Optional[Edge]]],
         recv_of: Callable[[torch.Tensor], Optional[tuple[Hashable, int]]],
-        recv_sizes: dict[Hashable, int],
+        recv_size: Callable[[Hashable], int],
         retain_graph: bool,
     ) -> None:
         self.sources = sources
         self.retain_graph = retain_graph
         self._recv_of = recv_of
-        self._recv_sizes = recv_sizes
         self._undelivered = set(sources)
         self._nodes: dict[int, Any] = {}
         self._deps: dict[int, int] = {}
@@ -122,7 +138,7 @@ class LocalBackward:
             if hit is not None:
                 key, _ = hit
                 if key not in self._recv_grads:
-                    self._recv_grads[key] = [None] * recv_sizes[key]
+                    self._recv_grads[key] = [None] * recv_size(key)
                     self._recv_pending[key] = 0
                 self._recv_pending[key] += 1
         self.executed = 0
@@ -137,18 +153,26 @@ class LocalBackward:
 
     def deliver(self, key: Hashable, grads: list[Optional[torch.Tensor]]) -> Outcome:
         """Source ``key`` delivers ``grads`` (one per edge); run everything that became ready."""
-        if key not in self._undelivered:
-            raise ValueError(f"source {key!r} is not expected (or was already delivered) in this pass")
-        edges = self.sources[key]
-        if len(grads) != len(edges):
-            raise ValueError(f"source {key!r} has {len(edges)} tensors but {len(grads)} gradients arrived")
-        self._undelivered.discard(key)
+        return self.deliver_many([(key, grads)])
+
+    def deliver_many(self, deliveries: list[tuple[Hashable, list[Optional[torch.Tensor]]]]) -> Outcome:
+        """Several sources deliver at once (key, one gradient per edge); then run everything that
+        became ready (in one engine call, if that was the last of the sources)."""
+        for key, grads in deliveries:
+            if key not in self._undelivered:
+                raise ValueError(f"source {key!r} is not expected (or was already delivered) in this pass")
+            if len(grads) != len(self.sources[key]):
+                raise ValueError(f"source {key!r} has {len(self.sources[key])} tensors but {len(grads)} "
+                                 f"gradients arrived")
+        if len({key for key, _ in deliveries}) != len(deliveries):
+            raise ValueError("a source delivers twice")
         out = Outcome()
         ready: list[int] = []
-        for e, g in zip(edges, grads):
-            if e is None:
-                continue
-            self._feed(e, g, ready, out)
+        for key, grads in deliveries:
+            self._undelivered.discard(key)
+            for e, g in zip(self.sources[key], grads):
+                if e is not None:
+                    self._feed(e, g, ready, out)
         if not self._undelivered:
             self._run_rest(out)
         else:
@@ -204,10 +228,8 @@ class LocalBackward:
                 if n is not None:
                     self._feed((n, nr), g, ready, out)
             return
-        grads = torch.autograd.grad(
-            [GradientEdge(node, nr) for nr in buf], [GradientEdge(n, nr) for n, nr in unique], list(buf.values()),
-            retain_graph=self.retain_graph, allow_unused=True, materialize_grads=False,
-        )
+        grads = engine_grad([GradientEdge(node, nr) for nr in buf], [GradientEdge(n, nr) for n, nr in unique],
+                            list(buf.values()), self.retain_graph)
         by_edge = {(id(n), nr): g for (n, nr), g in zip(unique, grads)}
         for n, nr in nexts:
             # the engine gives a repeated edge its total once; the repeats only count down
@@ -264,10 +286,7 @@ class LocalBackward:
         remaining_sinks = [self._nodes[nid] for nid in self._nodes
                            if nid not in self._done and is_sink(self._nodes[nid])]
         if outs and remaining_sinks:
-            results = torch.autograd.grad(
-                outs, [GradientEdge(s, 0) for s in remaining_sinks], grads,
-                retain_graph=self.retain_graph, allow_unused=True, materialize_grads=False,
-            )
+            results = engine_grad(outs, [GradientEdge(s, 0) for s in remaining_sinks], grads, self.retain_graph)
             self.executed += 1
         else:
             results = [None] * len(remaining_sinks)

@@ -468,19 +468,22 @@ class BackwardDiscover(Message):
 
 @dataclass(slots=True)
 class PropagateGradients(Message):
-    """The gradients for the tensors of send ``autograd_message_id`` (one per tensor, None if none).
+    """The gradients for the tensors of sends ``autograd_message_ids`` of the receiver: one per
+    tensor of each send, in order (None where a tensor gets none). All the sends to one peer
+    that a step of a pass finishes travel together.
 
     ``direct``: the pass skipped discovery (no worker's sends converge), so the
-    receiver runs its part from this send alone, keeping the graph if ``retain_graph``.
+    receiver runs its part from these sends alone, keeping the graph if ``retain_graph``.
     Replied to once everything this delivery set off, on every worker, has finished.
     """
 
     TYPE = MessageType.BACKWARD_AUTOGRAD_REQ
+    IDS = "autograd_message_ids"
     TENSORS = "grads"
     msg_id: U64
     context_id: I64
     pass_id: U64
-    autograd_message_id: U64
+    autograd_message_ids: list
     grads: list
     direct: bool = False
     retain_graph: bool = False

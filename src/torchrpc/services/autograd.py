@@ -206,9 +206,8 @@ class DistAutograd:
     def handle_propagate(self, src: int, msg: m.PropagateGradients, ag: Any = None) -> None:
         try:
             ctx = self.contexts.get(msg.context_id)
-            grads = self._checked(ctx, src, msg.autograd_message_id, msg.grads)
-            outcome, retain_graph = self._run_delivery(ctx, msg.pass_id, msg.direct, msg.retain_graph,
-                                                       msg.autograd_message_id, grads)
+            parts = self._split(ctx, src, msg.autograd_message_ids, msg.grads)
+            outcome, retain_graph = self._run_deliveries(ctx, msg.pass_id, msg.direct, msg.retain_graph, parts)
             back = self._apply(ctx, msg.pass_id, outcome, msg.direct, retain_graph, requester=src)
         except BaseException as e:
             self.endpoint.reply_error(src, msg.msg_id, self._named(e))
@@ -216,62 +215,80 @@ class DistAutograd:
         self._reply_done(src, msg.msg_id, ctx, msg.pass_id, msg.direct, retain_graph, back)
 
     @staticmethod
-    def _checked(ctx: DistAutogradContext, src: int, ag_id: int, grads: list) -> list:
-        """``grads`` for send ``ag_id`` as that send's dtypes, if they fit it (else RPCError)."""
-        ex = ctx.sends.get(ag_id)
-        if ex is None or ex.peer != src:
-            raise RPCError(f"context {ctx.context_id} has no send with autograd message id {ag_id} to worker {src}")
-        if len(grads) != len(ex.tensors):
-            raise RPCError(f"send {ag_id} has {len(ex.tensors)} tensors but {len(grads)} gradients arrived")
-        for t, g in zip(ex.tensors, grads):
-            if g is not None and g.shape != t.shape:
-                raise RPCError(f"gradient of shape {list(g.shape)} for a tensor of shape {list(t.shape)}")
-        return [None if g is None else g.to(t.dtype) for t, g in zip(ex.tensors, grads)]
+    def _split(ctx: DistAutogradContext, src: int, ag_ids: list[int], grads: list, how: str = "sent") -> list[Returned]:
+        """``grads`` for this worker's sends ``ag_ids`` to ``src`` (one per tensor of each, in
+        order), split by send, each as that send's dtypes. All checked before any runs: a
+        message that does not fit (an RPCError) changes nothing."""
+        if len(set(ag_ids)) != len(ag_ids):
+            raise RPCError(f"worker {src} delivered gradients for one send twice")
+        parts, i = [], 0
+        for ag_id in ag_ids:
+            ex = ctx.sends.get(ag_id)
+            if ex is None or ex.peer != src:
+                raise RPCError(f"context {ctx.context_id} has no send with autograd message id {ag_id} "
+                               f"to worker {src}")
+            n = len(ex.tensors)
+            mine = grads[i:i + n]
+            if len(mine) != n:
+                raise RPCError(f"send {ag_id} has {n} tensors but {len(mine)} gradients arrived")
+            for t, g in zip(ex.tensors, mine):
+                if g is not None and g.shape != t.shape:
+                    raise RPCError(f"gradient of shape {list(g.shape)} for a tensor of shape {list(t.shape)}")
+            parts.append((ag_id, [None if g is None else g.to(t.dtype) for t, g in zip(ex.tensors, mine)]))
+            i += n
+        if i != len(grads):
+            raise RPCError(f"worker {src} {how} {len(grads)} gradients for sends of {i} tensors")
+        return parts
 
     @staticmethod
-    def _run_delivery(ctx: DistAutogradContext, pass_id: int, direct: bool, retain_graph: bool, ag_id: int,
-                      grads: list) -> tuple[Outcome, bool]:
-        """Run what checked gradients for send ``ag_id`` make ready here; the outcome and the
-        pass's retain_graph."""
-        key = ("send", ag_id)
-        if direct:  # a pass without discovery: this send's part runs now, from it alone
+    def _run_deliveries(ctx: DistAutogradContext, pass_id: int, direct: bool, retain_graph: bool,
+                        parts: list[Returned]) -> tuple[Outcome, bool]:
+        """Run what checked gradients for these sends make ready here, in one engine call where
+        they complete the pass's sources; the outcome and the pass's retain_graph."""
+        keyed = [(("send", ag_id), grads) for ag_id, grads in parts]
+        if direct:  # a pass without discovery: these sends' part runs now, from them alone
             with ctx.lock:
-                if (pass_id, ag_id) in ctx.direct_deliveries:
-                    raise RPCError(f"send {ag_id} already received its gradients in backward pass {pass_id}")
-                ctx.direct_deliveries.add((pass_id, ag_id))
-            return ctx.engine({key: ctx.send_edges(ag_id)}, retain_graph).deliver(key, grads), retain_graph
+                for ag_id, _ in parts:
+                    if (pass_id, ag_id) in ctx.direct_deliveries:
+                        raise RPCError(f"send {ag_id} already received its gradients in backward pass {pass_id}")
+                ctx.direct_deliveries.update((pass_id, ag_id) for ag_id, _ in parts)
+            engine = ctx.engine({key: ctx.send_edges(key[1]) for key, _ in keyed}, retain_graph)
+            return engine.deliver_many(keyed), retain_graph
         state = ctx.passes.get(pass_id)
         if state is None:
             raise RPCError(f"context {ctx.context_id} has no backward pass {pass_id} (not discovered)")
-        if ag_id not in state.active_sends:
-            raise RPCError(f"send {ag_id} is not part of backward pass {pass_id}")
+        for ag_id, _ in parts:
+            if ag_id not in state.active_sends:
+                raise RPCError(f"send {ag_id} is not part of backward pass {pass_id}")
         with state.lock:
             if state.engine is None:
                 state.engine = ctx.build_engine(state)
-            return state.engine.deliver(key, grads), state.retain_graph
+            return state.engine.deliver_many(keyed), state.retain_graph
 
     def _apply(self, ctx: DistAutogradContext, pass_id: int, outcome: Outcome, direct: bool,
                retain_graph: bool, requester: Optional[int] = None) -> list[Returned]:
         """Accumulate leaf gradients; send finished recvs' gradients on and wait for that work.
 
-        Gradients bound for ``requester`` (the worker whose request this work serves) are
-        returned instead, to travel back in its reply: a nested request to a worker that
-        is waiting for us anyway would cost a round trip. Likewise the replies to our
-        own requests may bring gradients for our sends: they run here, in turn.
+        The gradients of all the recvs from one peer travel in one request. Those bound for
+        ``requester`` (the worker whose request this work serves) are returned instead, to
+        travel back in its reply: a nested request to a worker that is waiting for us anyway
+        would cost a round trip. Likewise the replies to our own requests may bring
+        gradients for our sends: they run here, in turn.
         """
         for t, g in outcome.leaf_grads:
             ctx.accumulate(t, g)
         back: list[Returned] = []
-        calls = []
-        going = list(outcome.recvs_done.items())
-        for ag_id, grads in going:
+        by_peer: dict[int, list[Returned]] = {}
+        for ag_id, grads in outcome.recvs_done.items():
             peer = ctx.recvs[ag_id].peer
             if peer == requester:
                 back.append((ag_id, grads))
             else:
-                # one request alone: this thread waits for it at once, and may read the reply
-                calls.append((peer, self.endpoint.control(peer, m.PropagateGradients(
-                    0, ctx.context_id, pass_id, ag_id, grads, direct, retain_graph), lead=len(going) == 1)))
+                by_peer.setdefault(peer, []).append((ag_id, grads))
+        calls = [(peer, self.endpoint.control(peer, m.PropagateGradients(
+            0, ctx.context_id, pass_id, [ag_id for ag_id, _ in sends], [g for _, gs in sends for g in gs],
+            direct, retain_graph), lead=len(by_peer) == 1))  # one request alone: this thread reads its reply
+            for peer, sends in by_peer.items()]
         replies = wait_all([fut for _, fut in calls])
         for (peer, _), reply in zip(calls, replies):
             if reply is not None:
@@ -284,20 +301,9 @@ class DistAutograd:
         if reply.context_id != ctx.context_id or (pass_id is not None and reply.pass_id != pass_id):
             raise RPCError(f"worker {peer} returned gradients of context {reply.context_id} pass {reply.pass_id} "
                            f"to a request of context {ctx.context_id} pass {pass_id}")
-        parts, i = [], 0  # all checked before any runs: a bad reply changes nothing
-        for ag_id in reply.autograd_message_ids:
-            ex = ctx.sends.get(ag_id)
-            n = len(ex.tensors) if ex is not None else 0
-            parts.append((ag_id, self._checked(ctx, peer, ag_id, reply.grads[i:i + n])))
-            i += n
-        if i != len(reply.grads):
-            raise RPCError(f"worker {peer} returned {len(reply.grads)} gradients for sends of {i} tensors")
-        back: list[Returned] = []
-        for ag_id, grads in parts:
-            outcome, retain_graph = self._run_delivery(ctx, reply.pass_id, reply.direct, reply.retain_graph,
-                                                       ag_id, grads)
-            back += self._apply(ctx, reply.pass_id, outcome, reply.direct, retain_graph, requester)
-        return back
+        parts = self._split(ctx, peer, reply.autograd_message_ids, reply.grads, "returned")
+        outcome, retain_graph = self._run_deliveries(ctx, reply.pass_id, reply.direct, reply.retain_graph, parts)
+        return self._apply(ctx, reply.pass_id, outcome, reply.direct, retain_graph, requester)
 
     def _reply_done(self, src: int, msg_id: int, ctx: DistAutogradContext, pass_id: int, direct: bool,
                     retain_graph: bool, back: list[Returned]) -> None:
