@@ -153,11 +153,12 @@ class DistAutogradContext:
         return hit if ex is not None and ex.tensors[i] is t else None
 
     def send_edges(self, autograd_message_id: int) -> list[Optional[Edge]]:
+        """The gradient edges of a send's tensors, taken when it was sent (not to be changed)."""
         ex = self.sends.get(autograd_message_id)
         if ex is None:
             raise RPCError(f"distributed autograd context {self.context_id} has no send with autograd "
                            f"message id {autograd_message_id}")
-        return list(ex.edges or [])
+        return ex.edges or []
 
     def accumulate(self, tensor: torch.Tensor, grad: torch.Tensor) -> None:
         with self.lock:

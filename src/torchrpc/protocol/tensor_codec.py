@@ -8,6 +8,7 @@ from __future__ import annotations
 import struct
 from typing import Any, Optional, Sequence
 
+import numpy
 import torch
 
 from ..errors import ProtocolError
@@ -24,6 +25,18 @@ _MAX_NDIM = 64
 def raw_buffer(t: torch.Tensor) -> Any:
     """A buffer over the bytes of dense CPU tensor ``t`` (a copy only if not contiguous)."""
     d = t.detach()
+    try:
+        # the common case through numpy, whose calls cost a fraction of torch's; numpy()
+        # refuses what it cannot show as is (bfloat16, a lazy conjugate or negative bit)
+        a = d.numpy()
+    except (TypeError, RuntimeError):
+        return _raw_buffer_slow(d)
+    if not a.flags.c_contiguous:
+        a = numpy.ascontiguousarray(a)
+    return a.reshape(-1).view(numpy.uint8)
+
+
+def _raw_buffer_slow(d: torch.Tensor) -> Any:
     if d.is_conj():
         d = d.resolve_conj()
     if d.is_neg():

@@ -234,7 +234,8 @@ class DistAutograd:
             for t, g in zip(ex.tensors, mine):
                 if g is not None and g.shape != t.shape:
                     raise RPCError(f"gradient of shape {list(g.shape)} for a tensor of shape {list(t.shape)}")
-            parts.append((ag_id, [None if g is None else g.to(t.dtype) for t, g in zip(ex.tensors, mine)]))
+            parts.append((ag_id, [g if g is None or g.dtype == t.dtype else g.to(t.dtype)
+                                  for t, g in zip(ex.tensors, mine)]))
             i += n
         if i != len(grads):
             raise RPCError(f"worker {src} {how} {len(grads)} gradients for sends of {i} tensors")
