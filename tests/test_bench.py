@@ -22,20 +22,22 @@ SRC = pathlib.Path(__file__).resolve().parent.parent / "src"
 EXPECTED = {
     ("W1", "p50_us"), ("W1", "p99_us"), ("W2", "calls_per_s"), ("W3", "gbps_1MiB"), ("W3", "gbps_64MiB"),
     ("W4", "p50_us"), ("W5", "steps_per_s"), ("W6", "p50_us"),
+    ("W7", "first_bwd_ms"), ("W7", "fwd_us_100"), ("W7", "bwd_us_100"), ("W8", "bytes_per_rref"),
 }
 
 
 def test_bench_smoke_prints_table_and_json_lines(tmp_path):
     out = tmp_path / "bench.jsonl"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-m", "torchrpc.bench", "--smoke", "--json", str(out)],
+    plots = tmp_path / "plots"
+    proc = subprocess.run([sys.executable, "-m", "torchrpc.bench", "--smoke", "--json", str(out), "--plot", str(plots)],
                           capture_output=True, text=True, timeout=100, env=env)
     report = f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert proc.returncode == 0, report
 
     # The table: one line per workload/metric, both backends, the ratio; the W5 baseline; the floors.
     table = proc.stdout
-    for wid in ("W1", "W2", "W3", "W4", "W5", "W6"):
+    for wid in ("W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8"):
         assert re.search(rf"^{wid} \S", table, re.MULTILINE), f"{wid} missing from the table\n{report}"
     for needle in ("torchrpc/torch", "one process", "torchrpc/one-process", "torch/one-process",
                    "F1 TCP ping-pong", "F2 tensor copy", "F3 TCP ping-pong, polling"):
@@ -57,6 +59,10 @@ def test_bench_smoke_prints_table_and_json_lines(tmp_path):
     w5 = compare[("W5", "steps_per_s")]
     assert w5["one_process"]["median"] > 0
     assert w5["ratio_torchrpc_over_one_process"] > 0 and w5["ratio_torch_over_one_process"] > 0
+
+    # --plot: W7's picture, a real PNG
+    png = plots / "autograd_at_size.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", report
 
     floors = {r["workload"]: r for r in rows if r["kind"] == "floor"}
     assert set(floors) == {"F1", "F2", "F3"}

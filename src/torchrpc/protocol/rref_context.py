@@ -60,27 +60,33 @@ class OwnerRRef:
     """The owner's record of an RRef: its id and its value (or error), maybe not yet set.
 
     Callbacks are dropped once run, so a pending fetch leaves no reference cycle that
-    would keep the value alive until the next garbage collection.
+    would keep the value alive until the next garbage collection. An owner may hold
+    millions of these: an Event to wait on is made only when someone waits before the
+    value is set, and all of them share one lock (held for a few instructions at a time).
     """
 
-    __slots__ = ("rref_id", "_lock", "_event", "_value", "_error", "_callbacks", "__weakref__")
+    __slots__ = ("rref_id", "_done", "_value", "_error", "_callbacks", "_waiter", "__weakref__")
+    _lock = threading.Lock()
 
     def __init__(self, rref_id: GloballyUniqueId) -> None:
         self.rref_id = rref_id
-        self._lock = threading.Lock()
-        self._event = threading.Event()
+        self._done = False
         self._value: Any = None
         self._error: BaseException | None = None
-        self._callbacks: list[Callable[["OwnerRRef"], None]] = []
+        self._callbacks: list[Callable[["OwnerRRef"], None]] | None = None
+        self._waiter: threading.Event | None = None
 
     def _set(self, value: Any, error: BaseException | None) -> None:
         with self._lock:
-            if self._event.is_set():
+            if self._done:
                 raise RPCError(f"the value of RRef {self.rref_id} was already set")
             self._value, self._error = value, error
-            self._event.set()
-            callbacks, self._callbacks = self._callbacks, []
-        for fn in callbacks:
+            self._done = True
+            callbacks, self._callbacks = self._callbacks, None
+            waiter = self._waiter
+        if waiter is not None:
+            waiter.set()
+        for fn in callbacks or ():
             fn(self)
 
     def set_value(self, value: Any) -> None:
@@ -90,12 +96,17 @@ class OwnerRRef:
         self._set(None, error)
 
     def done(self) -> bool:
-        return self._event.is_set()
+        return self._done
 
     def value(self, timeout: float | None = None) -> Any:
         """The value, waiting for it if a remote call is still producing it."""
-        if not self._event.wait(timeout):
-            raise RPCTimeoutError(f"the value of RRef {self.rref_id} was not ready within {timeout:g} s")
+        if not self._done:
+            with self._lock:
+                waiter = None
+                if not self._done:
+                    waiter = self._waiter = self._waiter or threading.Event()
+            if waiter is not None and not waiter.wait(timeout):
+                raise RPCTimeoutError(f"the value of RRef {self.rref_id} was not ready within {timeout:g} s")
         if self._error is not None:
             raise self._error
         return self._value
@@ -103,7 +114,9 @@ class OwnerRRef:
     def add_done_callback(self, fn: Callable[["OwnerRRef"], None]) -> None:
         """Call ``fn(self)`` once the value is set (now, if it is)."""
         with self._lock:
-            if not self._event.is_set():
+            if not self._done:
+                if self._callbacks is None:
+                    self._callbacks = []
                 self._callbacks.append(fn)
                 return
         fn(self)

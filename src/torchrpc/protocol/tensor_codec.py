@@ -56,20 +56,55 @@ def tensor_from_buffer(buf: Any, dtype: torch.dtype, shape: Sequence[int]) -> to
     return torch.frombuffer(mv, dtype=torch.uint8).view(dtype).view(tuple(shape))
 
 
+#: Tensors smaller than this (bytes) travel packed: a run of consecutive tensors of one dtype and
+#: shape shares one data buffer, copied together on the sender (one ``torch.stack``) and split
+#: into views on the receiver (one ``unbind``). Gradients of many small sends then cost a few
+#: microseconds each instead of a buffer, a copy and several torch calls each. Larger tensors
+#: keep a buffer of their own and travel without a copy.
+PACK_BELOW = 64 << 10
+_ITEMSIZE = tuple(torch.empty((), dtype=dt).element_size() for dt in DTYPES)
+_NONE, _OWN, _PACKED = 0, 1, 2
+
+
 def encode_tensors(tensors: Sequence[Optional[torch.Tensor]]) -> list:
-    """The buffers for a list of dense CPU tensors (None allowed): metadata, then data."""
+    """The buffers for a list of dense CPU tensors (None allowed): metadata, then data.
+
+    Metadata per tensor: ``u8 kind`` (0 None, 1 a buffer of its own, 2 packed with the tensors
+    of the same dtype and shape around it: see ``PACK_BELOW``), ``u8 dtype code``, ``u8 ndim``,
+    ``ndim x u64`` shape; then one data buffer per own tensor and per run of packed ones, in order."""
     meta = bytearray()
     data = []
+    run: list[torch.Tensor] = []
+    run_key: Any = None
     for t in tensors:
         if t is None:
-            meta += _HEAD.pack(0, 0, 0)
-            continue
-        if t.layout is not torch.strided or t.device.type != "cpu" or t.dtype not in _CODE:
-            raise TypeError(f"cannot send a {t.layout} {t.dtype} tensor on {t.device} as a gradient")
-        meta += _HEAD.pack(1, _CODE[t.dtype], t.dim())
-        meta += struct.pack(f"<{t.dim()}Q", *t.shape)
-        data.append(raw_buffer(t))
+            meta += _HEAD.pack(_NONE, 0, 0)
+            key = None
+        else:
+            if t.layout is not torch.strided or t.device.type != "cpu" or t.dtype not in _CODE:
+                raise TypeError(f"cannot send a {t.layout} {t.dtype} tensor on {t.device} as a gradient")
+            small = t.numel() * t.element_size() < PACK_BELOW
+            meta += _HEAD.pack(_PACKED if small else _OWN, _CODE[t.dtype], t.dim())
+            meta += struct.pack(f"<{t.dim()}Q", *t.shape)
+            key = (t.dtype, t.shape) if small else None
+        if run and key != run_key:
+            data.append(_packed(run))
+            run = []
+        if key is not None:
+            run.append(t)
+            run_key = key
+        elif t is not None:
+            data.append(raw_buffer(t))
+    if run:
+        data.append(_packed(run))
     return [bytes(meta), *data]
+
+
+def _packed(run: list[torch.Tensor]) -> Any:
+    if len(run) == 1:
+        return raw_buffer(run[0])
+    with torch.no_grad():
+        return raw_buffer(torch.stack(run))
 
 
 def decode_tensors(buffers: Sequence[Any]) -> list[Optional[torch.Tensor]]:
@@ -77,33 +112,50 @@ def decode_tensors(buffers: Sequence[Any]) -> list[Optional[torch.Tensor]]:
     if not buffers:
         raise ProtocolError("tensor list is missing its metadata buffer")
     meta = memoryview(buffers[0]).cast("B")
-    data = list(buffers[1:])
-    out: list[Optional[torch.Tensor]] = []
-    pos = used = 0
+    heads: list[Any] = []  # (kind, code, shape) per tensor
+    pos = 0
     while pos < len(meta):
         if pos + _HEAD.size > len(meta):
             raise ProtocolError("truncated tensor metadata")
-        present, code, ndim = _HEAD.unpack_from(meta, pos)
+        kind, code, ndim = _HEAD.unpack_from(meta, pos)
         pos += _HEAD.size
-        if not present:
-            out.append(None)
+        if kind == _NONE:
+            heads.append(None)
             continue
-        if code >= len(DTYPES) or ndim > _MAX_NDIM or pos + 8 * ndim > len(meta):
-            raise ProtocolError(f"bad tensor metadata (dtype code {code}, ndim {ndim})")
-        shape = struct.unpack_from(f"<{ndim}Q", meta, pos)
+        if kind > _PACKED or code >= len(DTYPES) or ndim > _MAX_NDIM or pos + 8 * ndim > len(meta):
+            raise ProtocolError(f"bad tensor metadata (kind {kind}, dtype code {code}, ndim {ndim})")
+        heads.append((kind, code, struct.unpack_from(f"<{ndim}Q", meta, pos)))
         pos += 8 * ndim
+    data = buffers[1:]
+    out: list[Optional[torch.Tensor]] = []
+    used = i = 0
+    while i < len(heads):
+        head = heads[i]
+        if head is None:
+            out.append(None)
+            i += 1
+            continue
+        kind, code, shape = head
+        n = 1
+        if kind == _PACKED:  # the run: the following packed tensors of the same dtype and shape
+            while i + n < len(heads) and heads[i + n] == head:
+                n += 1
         if used >= len(data):
             raise ProtocolError("tensor metadata names more tensors than buffers")
-        dtype = DTYPES[code]
-        numel = 1
-        for n in shape:
-            numel *= n
-        itemsize = torch.empty((), dtype=dtype).element_size()
         buf = data[used]
         used += 1
-        if memoryview(buf).nbytes != numel * itemsize:
-            raise ProtocolError(f"tensor of shape {list(shape)} {dtype} does not fit its {memoryview(buf).nbytes}-byte buffer")
-        out.append(tensor_from_buffer(buf, dtype, shape))
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = memoryview(buf).nbytes
+        if nbytes != n * numel * _ITEMSIZE[code]:
+            what = "tensor" if n == 1 else f"run of {n} tensors"
+            raise ProtocolError(f"{what} of shape {list(shape)} {DTYPES[code]} does not fit its {nbytes}-byte buffer")
+        if n == 1:
+            out.append(tensor_from_buffer(buf, DTYPES[code], shape))
+        else:
+            out.extend(tensor_from_buffer(buf, DTYPES[code], (n, *shape)).unbind(0))
+        i += n
     if used != len(data):
         raise ProtocolError(f"{len(data) - used} tensor buffers left over")
     return out
