@@ -641,8 +641,8 @@ def error_summary(longrepr):
     """The last exception line(s) of a failure, as a short one-line summary."""
     if not longrepr:
         return ""
-    if "Timeout" in longrepr and "+++++" in longrepr:
-        return "pytest-timeout: test ran past its timeout"
+    if re.search(r"Failed: Timeout >", longrepr):
+        return "pytest-timeout: the test ran past its timeout"
     m = re.findall(r"Process \d+ terminated or timed out after [\d.]+ seconds", longrepr)
     if m:
         return m[0]

@@ -548,3 +548,48 @@ def test_bool_field_other_than_0_or_1_is_rejected(cls):
     with pytest.raises(ProtocolError):
         m.decode(frame)
 
+
+
+# --- the tensor codec's packed runs ---------------------------------------------------------
+
+from torchrpc.protocol import tensor_codec as tc  # noqa: E402
+
+
+def _roundtrip(tensors):
+    buffers = tc.encode_tensors(tensors)
+    return buffers, tc.decode_tensors([bytearray(b) for b in buffers])
+
+
+def test_small_tensors_of_one_dtype_and_shape_share_one_buffer():
+    ts = [torch.full((4,), float(i)) for i in range(50)]
+    buffers, out = _roundtrip(ts)
+    assert len(buffers) == 2  # metadata, one packed buffer
+    assert [t.tolist() for t in out] == [t.tolist() for t in ts]
+    out[0].add_(100)  # views of one received buffer: writable, and changing one leaves the others
+    assert out[1].tolist() == [1.0] * 4
+
+
+def test_runs_break_at_none_dtype_and_shape_and_large_tensors_keep_their_own_buffer():
+    big = torch.arange(tc.PACK_BELOW // 4, dtype=torch.float32)  # exactly PACK_BELOW bytes: its own buffer
+    ts = [torch.ones(2), torch.ones(2), None, torch.ones(2), torch.ones(3), torch.ones(3, dtype=torch.float64),
+          big, torch.ones(3, dtype=torch.float64), torch.tensor(7.0), torch.tensor(8.0),
+          torch.ones(2, 3).t(), torch.zeros(0, 2), torch.zeros(0, 2),
+          torch.tensor([1.5, 2.5], dtype=torch.bfloat16), torch.tensor([1.0, 2.0], dtype=torch.bfloat16),
+          torch.tensor([1 + 2j, 3 - 1j]).conj()]
+    buffers, out = _roundtrip(ts)
+    # runs: [2,2] | None | [2] | [3] | [3 f64] | big | [3 f64] | [(),()] | [3x2 t] | [(0,2),(0,2)] | [2 bf16 x2] | [conj]
+    assert len(buffers) == 1 + 11
+    for a, b in zip(ts, out):
+        if a is None:
+            assert b is None
+        else:
+            assert (b.dtype, b.shape) == (a.dtype, a.shape) and torch.equal(b, a.resolve_conj())
+    assert memoryview(buffers[5]).nbytes == tc.PACK_BELOW  # the big tensor (the fifth run), uncopied
+
+
+def test_a_packed_run_that_does_not_fit_its_buffer_is_a_protocol_error():
+    buffers = tc.encode_tensors([torch.ones(4), torch.ones(4), torch.ones(4)])
+    with pytest.raises(ProtocolError, match="run of 3 tensors .* does not fit its 44-byte buffer"):
+        tc.decode_tensors([buffers[0], bytes(44)])
+    with pytest.raises(ProtocolError, match="bad tensor metadata"):  # an unknown kind
+        tc.decode_tensors([struct.pack("<BBB", 3, 0, 0), b""])

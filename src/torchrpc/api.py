@@ -41,6 +41,7 @@ def init_rpc(
     with current.lock:
         if current.get_agent_or_none() is not None:
             raise RPCError("RPC is already initialized on this process; call shutdown() first")
+        _freeze_gc_once()  # before the agent exists: its cycles must stay collectable after shutdown
         rv = rdzv.rendezvous(options.init_method, rank, world_size, options.rpc_timeout or 300.0)
         agent = Agent(name, rv.rank, rv.world_size, options, rv)
         # current before start: peers that finish first may already call into us
@@ -50,7 +51,6 @@ def init_rpc(
         except BaseException:
             current.set_agent(None)
             raise
-    _freeze_gc_once()
 
 
 _gc_frozen = False
@@ -59,7 +59,8 @@ _gc_frozen = False
 def _freeze_gc_once() -> None:
     """Once per process, move every object alive now (torch's modules and the program's, some
     170,000 of them) out of the cyclic garbage collector's sight (``gc.freeze``), after one
-    collection so that no garbage is kept. A full collection otherwise walks them all (~50 ms
+    collection so that no garbage is kept (objects frozen are still freed when their last
+    reference goes; only cycles among them would stay). A full collection otherwise walks them all (~50 ms
     here), and a training step that keeps many tensors alive (a large distributed autograd
     context) triggers several. ``TORCHRPC_GC_FREEZE=0`` leaves the collector alone."""
     global _gc_frozen
