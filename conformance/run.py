@@ -34,6 +34,10 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXPECTED_FAILURES_FILE = os.path.join(HERE, "expected_failures.txt")
+# Test this checkout's torchrpc, whatever an editable install elsewhere points to.
+REPO_SRC = os.path.join(os.path.dirname(HERE), "src")
+if not os.path.isdir(os.path.join(REPO_SRC, "torchrpc")):
+    REPO_SRC = None
 
 # (generated module, suite class) pairs run by default, in this order.
 SUITES = [
@@ -673,7 +677,8 @@ def run_suite(workdir, suite, selected, timeout, deadline_at, outcomes_path, sta
     env["CF_OUTCOMES"] = outcomes_path
     env["CF_START_METHOD"] = start_method
     env["DISTRIBUTED_TESTS_DEFAULT_TIMEOUT"] = str(int(timeout))
-    env["PYTHONPATH"] = workdir + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = os.pathsep.join(
+        [workdir] + ([REPO_SRC] if REPO_SRC else []) + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.setdefault("PYTHONUNBUFFERED", "1")
     cmd = [sys.executable, "-m", "pytest", "-c", os.path.join(workdir, "pytest.ini"),
            "--rootdir", workdir, "-p", "no:cacheprovider", "-q", "-rN",
@@ -753,6 +758,8 @@ def main(argv=None):
         print(f"conformance: missing test dependency: {e}. pip install expecttest pytest-timeout", file=sys.stderr)
         return 2
 
+    if REPO_SRC:
+        sys.path.insert(0, REPO_SRC)
     suites = [(m, s) for m, s in SUITES if not args.suite or s in args.suite]
     workdir = args.workdir or tempfile.mkdtemp(prefix="torchrpc-conformance-")
     os.makedirs(workdir, exist_ok=True)
@@ -767,7 +774,7 @@ def main(argv=None):
         import cf_support
 
         print(f"torch {__import__('torch').__version__}; test modules copied from {wheel_paths()[0]}")
-        print(f"generated in {workdir}")
+        print(f"generated in {workdir}; torchrpc from {os.path.dirname(importlib.import_module('torchrpc').__file__)}")
         missing = sorted({f"{m}.{n}" if n else m for rw in rewriters.values() for m, n in rw.missing})
         print(f"\nimports torchrpc lacks ({len(missing)}; replaced by placeholders that fail when used):")
         for m in missing:

@@ -63,7 +63,9 @@ def _user_to_owner_arg(rank, world_size):
         check(rpc.rpc_sync("worker1", wait_live, args=(1, 0.3)) == 1,
               "value alive: the user is gone but the owner's local RRef holds it")
         rpc.rpc_sync("worker1", release, args=("mine",))
-        check(rpc.rpc_sync("worker1", live_tracked) == 0, "freed once neither holds it")
+        # the user's delete may still be on its way: it leaves once the owner's child accept
+        # (sent from worker1's pool) has reached worker0, which a loaded machine can delay
+        check(rpc.rpc_sync("worker1", wait_live, args=(0,)) == 0, "freed once neither holds it")
     rpc.shutdown()
     return True
 
