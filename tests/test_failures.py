@@ -8,7 +8,7 @@ import pytest
 
 import torchrpc as rpc
 from common import add, init, make_tracked, sleep_then, whoami
-from harness import KILLED, get_context, start_workers
+from harness import KILLED, get_context, run_workers, start_workers
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -153,3 +153,48 @@ def test_frozen_worker_is_detected_by_heartbeats_within_5s():
     assert "worker1" in out["error"] and "heartbeat" in out["error"], out
     assert out["took"] < 5.0
     assert out["others"] == "worker2"
+
+
+def _one_leaves_right_after_start_up(rank, world_size):
+    if rank == 0:
+        # rank 0 takes worker2's connection slowly: without a barrier at the end of start-up,
+        # worker1 (which has all its connections by then) returns from init_rpc and leaves
+        # while worker0 still waits, for a connection count that can no longer be reached
+        from torchrpc.agent import Agent
+
+        add_connection = Agent._add_connection
+
+        def slow(self, peer, conn):
+            if peer == 2:
+                time.sleep(1.0)
+            add_connection(self, peer, conn)
+
+        Agent._add_connection = slow
+    if rank == 2:
+        # ... and worker2 connects after worker1 has (else worker0's acceptor, busy with
+        # worker2, would hold worker1's connection back too)
+        import torchrpc.agent as agent_module
+
+        connect = agent_module.connect
+
+        def late(*args, **kwargs):
+            time.sleep(0.3)
+            return connect(*args, **kwargs)
+
+        agent_module.connect = late
+    t0 = time.monotonic()
+    init(rank, world_size, rpc_timeout=20)
+    out = {"init_s": time.monotonic() - t0}
+    if rank == 1:
+        rpc.shutdown(graceful=False)  # its work is done: it leaves at once
+        return out
+    other = "worker2" if rank == 0 else "worker0"
+    out["call"] = rpc.rpc_sync(other, add, args=(rank, 10))
+    rpc.shutdown()
+    return out
+
+
+def test_init_rpc_returns_when_a_peer_leaves_right_after_start_up():
+    outs = run_workers(_one_leaves_right_after_start_up, 3, timeout=60)
+    assert outs[0]["call"] == 10 and outs[2]["call"] == 12
+    assert all(o["init_s"] < 15 for o in outs), outs  # not the 20 s rpc_timeout

@@ -118,6 +118,13 @@ class Agent:
                 conn.send(m.Hello(0, self.rank, self.name).encode())
                 self._add_connection(peer, conn)
             self.peers.wait_connected(timeout)
+            # Start-up ends with a barrier, as torch's does: no worker returns before every worker
+            # has all its connections, so one that finishes its work and leaves at once cannot
+            # leave another waiting for a connection that will never come.
+            gone = rdzv.barrier(self._rv.store, "init/connected", self.rank, range(self.world_size), timeout,
+                                self.is_alive)
+            if gone:
+                raise RPCError(f"worker(s) {[self.peers.name_of(r) for r in gone]} lost during start-up")
         except BaseException:
             self._close(graceful=False)
             raise

@@ -97,10 +97,14 @@ class PeerTable:
         return [w.name for w in self.workers if w.id != self.rank and w.id not in self.conns]
 
     def wait_connected(self, timeout: float) -> None:
-        """Wait until every peer is connected; RPCError naming the missing ones after ``timeout``."""
+        """Wait until every peer is connected; RPCError naming the missing ones after ``timeout``,
+        or at once if one was connected and lost."""
         deadline = time.monotonic() + timeout
         with self.changed:
             while not self.workers or self.missing():
+                lost = [f"{self.name_of(p)!r} ({why})" for p, why in sorted(self.dead.items())]
+                if lost:
+                    raise RPCError(f"worker(s) {', '.join(lost)} lost during start-up")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise RPCError(f"timed out after {timeout:.0f} s waiting for workers "
