@@ -496,3 +496,20 @@ def test_package_never_imports_torch_distributed_rpc():
                          re.MULTILINE)
     offenders = [str(p) for p in src.rglob("*.py") if "bench" not in p.parts and pattern.search(p.read_text())]
     assert offenders == []
+
+
+def _rref_ids(rank, world_size):
+    init(rank, world_size)
+    out = {}
+    if rank == 0:
+        out["owner"] = str(rpc.RRef(7))
+        out["user"] = str(rpc.remote("worker1", torch.add, args=(torch.ones(2), 1)))
+    rpc.shutdown()
+    return out
+
+
+def test_rref_ids_are_numbered_as_torch_numbers_them():
+    out = run_workers(_rref_ids, 2)[0]
+    gid = "GloballyUniqueId"
+    assert out == {"owner": f"OwnerRRef({gid}(created_on=0, local_id=0))",
+                   "user": f"UserRRef(RRefId = {gid}(created_on=0, local_id=1), ForkId = {gid}(created_on=0, local_id=2))"}

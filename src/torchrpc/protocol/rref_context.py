@@ -143,7 +143,7 @@ class RRefContext:
     def __init__(self, worker_id: int, emit: Emit) -> None:
         self.worker_id = worker_id
         self._emit = emit
-        self._ids = itertools.count(1)
+        self._ids = itertools.count(0)  # as torch numbers them: a worker's first RRef is local_id 0
         self._lock = threading.RLock()
         #: owner side: rref id -> OwnerRRef, held while any fork is known
         self.owners: dict[GloballyUniqueId, OwnerRRef] = {}
