@@ -513,3 +513,29 @@ def test_rref_ids_are_numbered_as_torch_numbers_them():
     gid = "GloballyUniqueId"
     assert out == {"owner": f"OwnerRRef({gid}(created_on=0, local_id=0))",
                    "user": f"UserRRef(RRefId = {gid}(created_on=0, local_id=1), ForkId = {gid}(created_on=0, local_id=2))"}
+
+
+def _failing_function_is_reported_on_the_callee(rank, world_size):
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        init(rank, world_size)
+        out = {}
+        if rank == 0:
+            try:
+                rpc.rpc_sync("worker1", raise_value_error, args=("a message for the log",))
+            except ValueError as e:
+                out["raised"] = str(e)
+        rpc.shutdown()
+    out["stderr"] = err.getvalue()
+    return out
+
+
+def test_a_failing_user_function_is_reported_on_the_callees_stderr_as_torch_does():
+    caller, callee = run_workers(_failing_function_is_reported_on_the_callee, 2)
+    assert caller["raised"] == "a message for the log"
+    text = callee["stderr"]
+    assert "On WorkerInfo(id=1, name=worker1):\nValueError('a message for the log')\nTraceback" in text, text
+    assert "raise_value_error" in text and "a message for the log" not in caller["stderr"]

@@ -1,7 +1,9 @@
 """Calls: ``rpc_sync``/``rpc_async`` and ``remote`` on the caller, and serving them on the callee."""
 from __future__ import annotations
 
+import sys
 import time
+import traceback
 from typing import Any, Callable, Optional
 
 import torch
@@ -143,6 +145,7 @@ class CallService:
         try:
             result = func(*args, **kwargs)
         except BaseException as e:
+            self._report(e)
             done(None, e)
             return
         if not is_async_function(func):
@@ -157,11 +160,18 @@ class CallService:
             try:
                 value = f.wait()
             except BaseException as e:
+                self._report(e)
                 self.pool.run_here_or_submit(done, None, e)
                 return
             self.pool.run_here_or_submit(done, value, None)
 
         result.add_done_callback(finished)
+
+    def _report(self, e: BaseException) -> None:
+        """A user function failed: say so on this worker's stderr, as torch does (the caller gets
+        the exception too)."""
+        tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+        print(f"On {self.endpoint.peers.me!r}:\n{e!r}\n{tb}", file=sys.stderr, flush=True)
 
     def _run_call(self, src: int, payload: m.Payload, tag: Optional[m.AutogradTag], done: Done) -> None:
         """Unpickle and run a call's function inside the caller's context; ``done`` when it finishes."""
