@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import gc
+import time
 
 import pytest
 
@@ -173,7 +174,7 @@ def _peer_request_while_free(rank, world_size):
 
         agent = rpc.api.current.agent()
         assert rpc.rpc_sync("worker1", call_back_later, args=("worker0", 0.3, "hello"))
-        out["free_after_call"] = 1 in agent.readers.leases.free  # nobody reads worker1's connection now
+        out["free_after_call"] = left_free(agent, 1, within=0.2)  # nobody reads worker1's connection now
         deadline = time.monotonic() + 20
         while not FLAG and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -191,6 +192,17 @@ def test_a_request_the_peer_starts_is_served_while_the_reading_is_free():
     assert out == {"free_after_call": True, "flag": ["hello"], "free_after_that": False}
 
 
+def left_free(agent, peer: int, within: float = 2.0) -> bool:
+    """Whether ``peer``'s reading is (or, within ``within`` s, becomes) free: a pool reader that
+    completed the reply leaves it free just after the waiting thread has woken."""
+    deadline = time.monotonic() + within
+    while peer not in agent.readers.leases.free:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
+
+
 def _async_after_sync(rank, world_size):
     reader_mod.FREE_FOR = 1e9  # the monitor never picks a free reading up
     heartbeat_mod.HEARTBEAT_INTERVAL = 60.0  # a heartbeat arriving with the reply would keep it read
@@ -201,7 +213,7 @@ def _async_after_sync(rank, world_size):
 
         agent = rpc.api.current.agent()
         rpc.rpc_sync("worker1", add, args=(1, 1))
-        out["free"] = 1 in agent.readers.leases.free
+        out["free"] = left_free(agent, 1)
         # torch's wait_all waits in C++: only a reader that the requests claimed reads these
         futs = [rpc.rpc_async("worker1", add, args=(i, 1)) for i in range(20)]
         out["async"] = torch.futures.wait_all(futs) == list(range(1, 21))
