@@ -336,10 +336,11 @@ class Phantom:
             store = _store_client()
             store.set(f"worker/{self.rank}", json.dumps({"name": self.name, "address": "tcp://127.0.0.1:9"}))
             self.addresses = _addresses(store, [r for r in range(world_size) if r != self.rank])
-            del store
             for r, address in self.addresses.items():
                 # heartbeats from the start: a worker still in init_rpc drops a silent peer too
                 self.conns[r] = RawPeer.connect(address, self.hello(), label=f"{self.name}->{r}")
+            store.set(f"barrier/init/connected/{self.rank}", b"1")  # start-up's closing barrier
+            del store
         except BaseException as e:  # noqa: BLE001 - reported by wait()
             self.error = e
 

@@ -689,7 +689,7 @@ def test_peers_resolve(peers):
         with pytest.raises(UnknownWorkerError):
             peers.resolve(bad)
     for bad in (1.0, True, b"w1", ["w1"]):
-        with pytest.raises(TypeError):
+        with pytest.raises(ValueError, match="Cannot get WorkerInfo from name"):
             peers.resolve(bad)
 
 

@@ -114,9 +114,10 @@ def test_roundtrip_non_contiguous():
         r = roundtrip(t)
         assert r.shape == t.shape, name
         assert torch.equal(r, t), name
-        assert r.is_contiguous(), name
-        # only the viewed elements travel, not the whole base storage
-        assert r.untyped_storage().nbytes() == t.numel() * t.element_size(), name
+        assert r.stride() == t.stride() and r.is_contiguous() == t.is_contiguous(), name  # as torch keeps them
+        # only the storage the view covers travels, not the whole base storage
+        span = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+        assert r.untyped_storage().nbytes() == span * t.element_size(), name
 
 
 def test_roundtrip_conj_and_neg_views():
@@ -238,13 +239,13 @@ def test_zero_copy_send_contiguous_slice_with_offset_and_requires_grad():
     assert addr_of_buffer(ser.dumps(prm).buffers[0]) == prm.data_ptr()
 
 
-def test_non_contiguous_send_is_a_compact_copy():
+def test_a_non_contiguous_view_is_sent_from_its_storage_without_a_copy():
     base = torch.arange(100, dtype=torch.int32).reshape(10, 10)
     t = base.t()
     p = ser.dumps(t)
     mv = memoryview(p.buffers[0])
-    assert mv.nbytes == 400
-    assert np.array_equal(np.frombuffer(mv, dtype=np.int32), t.contiguous().reshape(-1).numpy())
+    assert mv.nbytes == 400 and addr_of_buffer(mv) == base.data_ptr()  # the storage itself
+    assert np.array_equal(np.frombuffer(mv, dtype=np.int32), base.reshape(-1).numpy())
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -357,11 +358,11 @@ def _owner_rref():
 def test_pickling_rref_outside_rpc_is_a_clear_error():
     rref, sent = _owner_rref()
     for session in (None, ser.Session()):
-        with pytest.raises(SerializationError, match="RRef can only be pickled by torchrpc"):
+        with pytest.raises(SerializationError, match="Can not pickle rref in python pickler"):
             ser.dumps({"r": rref}, session)
-    with pytest.raises(RPCError, match="RRef can only be pickled by torchrpc"):
+    with pytest.raises(RPCError, match="Can not pickle rref in python pickler"):
         pickle.dumps(rref)
-    with pytest.raises(RPCError, match="RRef can only be pickled by torchrpc"):
+    with pytest.raises(RPCError, match="Can not pickle rref in python pickler"):
         pickle.dumps([rref], protocol=5)
     assert sent == []
 
@@ -516,3 +517,40 @@ def _rebuild_seeing_session():
 class _SeesLoadsSession:
     def __reduce__(self):
         return (_rebuild_seeing_session, ())
+
+
+# --- views keep their strides --------------------------------------------------------------
+
+@pytest.mark.parametrize("make", [
+    lambda: torch.rand(5, 5).narrow(1, 2, 2),  # torch's test_non_cont_tensors
+    lambda: torch.rand(4, 6).t(),
+    lambda: torch.rand(10)[1::3],
+    lambda: torch.rand(2, 3, 4, 5).to(memory_format=torch.channels_last),
+    lambda: torch.ones(3).expand(4, 3),
+    lambda: torch.nn.Parameter(torch.rand(3, 4).t()),
+    lambda: torch.rand(4, 4, dtype=torch.float64, requires_grad=True).t(),
+], ids=["narrow", "transpose", "step", "channels_last", "expand", "parameter", "requires_grad"])
+def test_a_view_arrives_with_its_strides_and_values(make):
+    t = make()
+    back = roundtrip(t)
+    assert type(back) is type(t) and back.dtype == t.dtype and back.requires_grad == t.requires_grad
+    assert back.shape == t.shape and back.stride() == t.stride() and torch.equal(back, t)
+    assert back.is_contiguous() == t.is_contiguous()
+    assert not back.requires_grad or back.is_leaf
+
+
+def test_a_view_sends_only_the_storage_it_covers():
+    big = torch.rand(1000, 1000)
+    view = big[10:12, 5:8]  # 2 x 3 elements of a 4 MB storage
+    payload = ser.dumps(view)
+    assert sum(memoryview(b).nbytes for b in payload.buffers) == (1000 + 3) * 4  # one row plus 3
+    assert torch.equal(roundtrip(view), view)
+
+
+def test_strides_that_reach_past_the_buffer_are_refused():
+    class Forged:  # a peer's payload whose view would read past the bytes it sent
+        def __reduce__(self):
+            return ser._rebuild_tensor, (pickle.PickleBuffer(bytearray(16)), torch.float32, (4, 4), False, (4, 1))
+
+    with pytest.raises(SerializationError, match="does not fit its 4-element buffer"):
+        ser.loads(wire(ser.dumps(Forged())))

@@ -3,7 +3,7 @@
 A drop-in for ``torch.distributed.rpc``: ``import torchrpc as rpc``.
 """
 from . import autograd, functions
-from .api import debug_info, get_worker_info, init_rpc, remote, rpc_async, rpc_sync, shutdown
+from .api import debug_info, get_rpc_timeout, get_worker_info, init_rpc, remote, rpc_async, rpc_sync, shutdown
 from .errors import (
     ProtocolError,
     RemoteError,
@@ -32,5 +32,5 @@ def is_available() -> bool:
 __all__ = [
     "BackendType", "ProtocolError", "RRef", "SerializationError", "UnknownWorkerError", "autograd", "RPCError", "RPCTimeoutError", "RemoteError", "RpcBackendOptions",
     "TensorPipeRpcBackendOptions", "WorkerInfo", "WorkerUnavailableError", "debug_info", "functions",
-    "get_worker_info", "init_rpc", "is_available", "remote", "rpc_async", "rpc_sync", "shutdown",
+    "get_rpc_timeout", "get_worker_info", "init_rpc", "is_available", "remote", "rpc_async", "rpc_sync", "shutdown",
 ]

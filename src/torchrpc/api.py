@@ -88,6 +88,11 @@ def shutdown(graceful: bool = True, timeout: float = DEFAULT_SHUTDOWN_TIMEOUT) -
             current.set_agent(None)
 
 
+def get_rpc_timeout() -> float:
+    """This worker's default RPC timeout in seconds (``RpcBackendOptions.rpc_timeout``; 0: none)."""
+    return current.agent().rpc_timeout
+
+
 def get_worker_info(worker_name: Optional[str] = None) -> WorkerInfo:
     """The WorkerInfo of ``worker_name``, or of this worker if None."""
     return current.agent().worker_info(worker_name)

@@ -17,8 +17,8 @@ def agent() -> "Agent":
     """The running agent; a clear error before init_rpc or after shutdown."""
     a = _agent
     if a is None:
-        raise RPCError("RPC has not been initialized on this worker: call torchrpc.init_rpc() first "
-                       "(or it has been shut down)")
+        raise RPCError("Current RPC agent is not set! Did you initialize the RPC framework (e.g. by calling "
+                       "`torchrpc.init_rpc`)? (Or it has been shut down.)")
     if a._closed:
         raise RPCError("RPC has been shut down on this worker; call torchrpc.init_rpc() again to use it")
     return a

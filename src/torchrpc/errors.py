@@ -37,3 +37,7 @@ class SerializationError(RPCError, TypeError):
 
 class UnknownWorkerError(RPCError, ValueError):
     """No worker has that name or id."""
+
+
+class DuplicateNameError(RPCError, ValueError):
+    """Two workers of a job have the same name."""

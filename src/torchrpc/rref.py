@@ -61,8 +61,9 @@ class RRef(Generic[T]):
     def local_value(self) -> T:
         """The value, on the owner only (waits if a remote() is still producing it)."""
         if not isinstance(self._handle, OwnerRRef):
-            raise RPCError(f"local_value() may only be called on the owner; this RRef is owned by "
-                           f"{self.owner_name()!r}: use to_here()")
+            h = self._handle
+            raise RPCError(f"For UserRRef(rref_id={h.rref_id!r}, fork_id={h.fork_id!r}), can't call localValue() "
+                           f"on user {current.agent().info!r}. Call it on owner {self.owner()!r} (or use to_here())")
         return self._handle.value()
 
     def to_here(self, timeout: float = UNSET_RPC_TIMEOUT) -> T:
@@ -96,8 +97,8 @@ class RRef(Generic[T]):
             agent.autograd.rref_backward(h.rref_id, h.value(), dist_autograd_ctx_id, retain_graph)
             return
         if dist_autograd_ctx_id == -1:
-            raise RPCError("RRef.backward() without a distributed autograd context id runs a local backward, "
-                           f"which only the owner ({self.owner_name()!r}) can do")
+            raise RPCError("User RRefs require 'dist_autograd_ctx_id' to be specified: RRef.backward() without "
+                           f"one runs a local backward, which only the owner ({self.owner_name()!r}) can do")
         if self._created is not None:
             self._created.wait()  # the owner must have the value before it can start from it
         agent.autograd.remote_rref_backward(h.owner_id, h.rref_id, dist_autograd_ctx_id, bool(retain_graph))
@@ -117,7 +118,8 @@ class RRef(Generic[T]):
         return f"UserRRef(RRefId = {h.rref_id!r}, ForkId = {h.fork_id!r})"
 
     def __reduce__(self) -> tuple:
-        raise RPCError("an RRef can only be pickled by torchrpc, as an argument or result of an RPC")
+        raise RPCError("Can not pickle rref in python pickler, rref can only be pickled when using RPC (an "
+                       "RRef travels as an argument or result of an RPC)")
 
 
 def _rpc_sync(to: WorkerInfo, func: Any, args: tuple, timeout: float) -> Any:
@@ -165,7 +167,8 @@ def _local_invoke(rref: RRef, name: str, args: tuple, kwargs: dict) -> torch.fut
 def _reduce_rref(rref: RRef) -> tuple:
     session = serialization.current_session()
     if session is None or not hasattr(session, "fork_rref"):
-        raise RPCError("an RRef can only be pickled by torchrpc, as an argument or result of an RPC")
+        raise RPCError("Can not pickle rref in python pickler, rref can only be pickled when using RPC (an "
+                       "RRef travels as an argument or result of an RPC)")
     return _rebuild_rref, (session.fork_rref(rref._handle).to_tuple(),)
 
 

@@ -16,7 +16,7 @@ import copyreg
 import io
 import pickle
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -94,16 +94,38 @@ def _describe(obj: Any) -> str:
 def _reduce_tensor(t: torch.Tensor) -> tuple:
     if t.layout is not torch.strided or t.device.type != "cpu" or t.is_quantized:
         return t.__reduce_ex__(2)
-    raw = raw_buffer(t)
+    strides = None
+    if t.is_contiguous() or t.is_conj() or t.is_neg() or min(t.stride(), default=0) < 0:
+        raw = raw_buffer(t)
+    else:
+        # a view (non-contiguous, channels_last, expanded) keeps its strides: the span of storage
+        # its elements cover travels, and the receiver makes the same view of it (torch sends
+        # the whole storage; the span is all of it that the view can reach)
+        strides = tuple(t.stride())
+        span = 1 + sum((n - 1) * s for n, s in zip(t.shape, strides)) if t.numel() else 0
+        raw = raw_buffer(t.detach().as_strided((span,), (1,)))
     rebuild = _rebuild_parameter if isinstance(t, torch.nn.Parameter) else _rebuild_tensor
     session = getattr(_tls, "session", None)
     if session is not None and t.requires_grad:
         session.on_send_tensor(t)
-    return rebuild, (pickle.PickleBuffer(raw), t.dtype, tuple(t.shape), t.requires_grad)
+    args = (pickle.PickleBuffer(raw), t.dtype, tuple(t.shape), t.requires_grad)
+    return rebuild, args if strides is None else (*args, strides)
 
 
-def _rebuild_tensor(buf: Any, dtype: torch.dtype, shape: tuple, requires_grad: bool) -> torch.Tensor:
-    t = tensor_from_buffer(buf, dtype, shape)
+def _from_buffer(buf: Any, dtype: torch.dtype, shape: tuple, strides: Optional[tuple]) -> torch.Tensor:
+    if strides is None:
+        return tensor_from_buffer(buf, dtype, shape)
+    span = tensor_from_buffer(buf, dtype, (memoryview(buf).nbytes // torch.empty((), dtype=dtype).element_size(),))
+    needed = 1 + sum((n - 1) * s for n, s in zip(shape, strides)) if all(shape) else 0
+    if len(strides) != len(shape) or min(strides, default=0) < 0 or needed > span.numel():
+        raise ValueError(f"a tensor of shape {list(shape)} and strides {list(strides)} does not fit its "
+                         f"{span.numel()}-element buffer")
+    return span.as_strided(shape, strides)
+
+
+def _rebuild_tensor(buf: Any, dtype: torch.dtype, shape: tuple, requires_grad: bool,
+                    strides: Optional[tuple] = None) -> torch.Tensor:
+    t = _from_buffer(buf, dtype, shape, strides)
     session = getattr(_tls, "session", None)
     if requires_grad:
         t.requires_grad_(True)
@@ -112,8 +134,9 @@ def _rebuild_tensor(buf: Any, dtype: torch.dtype, shape: tuple, requires_grad: b
     return t
 
 
-def _rebuild_parameter(buf: Any, dtype: torch.dtype, shape: tuple, requires_grad: bool) -> torch.Tensor:
-    p = torch.nn.Parameter(tensor_from_buffer(buf, dtype, shape), requires_grad=requires_grad)
+def _rebuild_parameter(buf: Any, dtype: torch.dtype, shape: tuple, requires_grad: bool,
+                       strides: Optional[tuple] = None) -> torch.Tensor:
+    p = torch.nn.Parameter(_from_buffer(buf, dtype, shape, strides), requires_grad=requires_grad)
     session = getattr(_tls, "session", None)
     if requires_grad and session is not None:
         return session.on_recv_tensor(p)

@@ -30,8 +30,8 @@ class context:
 
     def __enter__(self) -> int:
         if current_context_id() is not None:
-            raise RPCError(f"this thread already has distributed autograd context {current_context_id()}; "
-                           "contexts do not nest")
+            raise RPCError(f"Already have an autograd context id for this thread: {current_context_id()} "
+                           "(distributed autograd contexts do not nest)")
         self._service = current.agent().autograd
         self.context_id = self._service.contexts.create().context_id
         _tls.context_id = self.context_id

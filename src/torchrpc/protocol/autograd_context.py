@@ -222,7 +222,8 @@ class ContextContainer:
     def get(self, context_id: int) -> DistAutogradContext:
         ctx = self._contexts.get(context_id)
         if ctx is None:
-            raise UnknownContextError(f"could not find distributed autograd context with id {context_id}")
+            raise UnknownContextError(f"Could not find autograd context with id: {context_id} (no distributed "
+                                      "autograd context with that id on this worker)")
         return ctx
 
     def find(self, context_id: int) -> Optional[DistAutogradContext]:

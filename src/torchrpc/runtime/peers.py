@@ -9,7 +9,7 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
-from ..errors import RPCError, UnknownWorkerError, WorkerUnavailableError
+from ..errors import DuplicateNameError, RPCError, UnknownWorkerError, WorkerUnavailableError
 from ..transport import Connection
 from ..worker_info import WorkerInfo
 
@@ -36,8 +36,8 @@ class PeerTable:
         """The job's workers, by rank; names must be unique."""
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ValueError(f"worker names must be unique; {dupes} used by ranks "
-                             f"{[r for r, n in enumerate(names) if n in dupes]}")
+            raise DuplicateNameError(f"worker name {dupes[0]!r} is not unique: {dupes} used by ranks "
+                                     f"{[r for r, n in enumerate(names) if n in dupes]}")
         with self.changed:
             self.workers = [WorkerInfo(n, r) for r, n in enumerate(names)]
             self._by_name = {w.name: w for w in self.workers}
@@ -49,23 +49,27 @@ class PeerTable:
             return self.changed.wait_for(lambda: bool(self.workers) or self.closed, timeout) and bool(self.workers)
 
     def resolve(self, to: Any = None) -> WorkerInfo:
-        """Resolve a worker name, id or WorkerInfo (None: this worker)."""
+        """Resolve a worker name, id or WorkerInfo (None: this worker). UnknownWorkerError (a
+        RuntimeError and a ValueError) for one that is not in the job; ValueError for another type."""
         if to is None:
             return self.me
         if isinstance(to, WorkerInfo):
             if 0 <= to.id < len(self.workers) and self.workers[to.id] == to:
                 return to
-            raise UnknownWorkerError(f"unknown worker {to!r}")
+            raise UnknownWorkerError(f"could not find destination {to!r}: no such worker in this job")
         if isinstance(to, str):
             w = self._by_name.get(to)
             if w is None:
-                raise UnknownWorkerError(f"unknown worker name {to!r}; workers are {sorted(self._by_name)}")
+                raise UnknownWorkerError(f"could not find destination {to!r}: unknown worker name; workers are "
+                                         f"{sorted(self._by_name)}")
             return w
         if isinstance(to, int) and not isinstance(to, bool):
             if 0 <= to < len(self.workers):
                 return self.workers[to]
-            raise UnknownWorkerError(f"unknown worker id {to}; ids are 0..{len(self.workers) - 1}")
-        raise TypeError(f"a destination worker is a name, an id or a WorkerInfo, not {type(to).__name__}")
+            raise UnknownWorkerError(f"could not find destination {to}: unknown worker id; ids are "
+                                     f"0..{len(self.workers) - 1}")
+        raise ValueError(f"Cannot get WorkerInfo from name {to!r}: a destination worker is a name, an id or a "
+                         f"WorkerInfo, not {type(to).__name__}")
 
     def name_of(self, peer: int) -> str:
         return self.workers[peer].name if 0 <= peer < len(self.workers) else str(peer)

@@ -135,19 +135,31 @@ class DistAutograd:
         Started for another worker's request (``requester``), gradients for that worker's
         sends are not sent but returned, to go back in the reply (see :meth:`_apply`).
         """
-        roots = list(roots)
+        if (not isinstance(context_id, int) or isinstance(context_id, bool) or not isinstance(roots, (list, tuple))
+                or not all(isinstance(r, torch.Tensor) for r in roots)):
+            raise TypeError("backward(): incompatible function arguments. The following argument types are "
+                            "supported: (context_id: int, roots: list[torch.Tensor], retain_graph: bool = False); "
+                            f"got ({type(context_id).__name__}, {type(roots).__name__})")
         if not roots:
-            raise ValueError("backward needs at least one root tensor")
-        for r in roots:
-            if not isinstance(r, torch.Tensor):
-                raise TypeError(f"roots must be tensors, got {type(r).__name__}")
+            raise RuntimeError("No tensors provided for gradient computation (backward needs at least one root)")
+        for i, r in enumerate(roots):
             if not r.requires_grad:
-                raise RuntimeError("a root of the backward pass does not require grad (and has no grad_fn)")
+                raise RuntimeError(f"requires_grad not set on root {i} of the backward pass (it has no grad_fn)")
             if r.numel() != 1:
-                raise RuntimeError(f"roots of a distributed backward must be scalars; got shape {list(r.shape)}")
+                raise RuntimeError(f"Root {i} is not a scalar, all roots need to be scalar (shape {list(r.shape)})")
         ctx = self.contexts.get(context_id)
+        try:
+            return self._run_pass(ctx, roots, bool(retain_graph), requester)
+        except Exception as e:
+            named = self._named(e)
+            if named is e:
+                raise
+            raise named from e
+
+    def _run_pass(self, ctx: DistAutogradContext, roots: list, retain_graph: bool,
+                  requester: Optional[int]) -> PassResult:
         pass_id = (self.rank << 48) | next(self._pass_ids)
-        retain_graph, edges = bool(retain_graph), [edge_of(r) for r in roots]
+        edges = [edge_of(r) for r in roots]
         ones = [torch.ones_like(r) for r in roots]
         state = PassState(retain_graph=retain_graph, roots=edges)  # kept for views (graph) in both modes
         with ctx.lock:
@@ -319,19 +331,23 @@ class DistAutograd:
     def _named(self, e: BaseException) -> BaseException:
         if isinstance(e, (DistBackwardError, UnknownContextError)):
             return e
-        err = DistBackwardError(f"distributed backward failed on worker {self.name!r}: "
-                                f"{type(e).__name__}: {e}")
+        err = DistBackwardError(f"Error on Node {self.rank}: {e} ({type(e).__name__}; the distributed backward "
+                                f"failed on worker {self.name!r})")
         err.__cause__ = e
         return err
 
     def rref_backward(self, rref_id: m.GloballyUniqueId, value: Any, context_id: int, retain_graph: bool,
                       requester: Optional[int] = None) -> PassResult:
         """On the owner: backward from an RRef's value, locally (-1) or in a context (see :meth:`backward`)."""
-        if not isinstance(value, torch.Tensor) or value.numel() != 1:
-            what = f"a tensor of shape {list(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
-            raise RuntimeError(f"RRef.backward needs the RRef's value to be a scalar tensor; RRef {rref_id} holds {what}")
+        if not isinstance(value, torch.Tensor):
+            raise RuntimeError(f"RRef should contain a tensor for .backward(); RRef {rref_id} holds "
+                               f"{type(value).__name__}")
         if not value.requires_grad:
-            raise RuntimeError(f"the value of RRef {rref_id} does not require grad")
+            raise RuntimeError(f"element 0 of tensors does not require grad and does not have a grad_fn (the value "
+                               f"of RRef {rref_id})")
+        if value.numel() != 1:
+            raise RuntimeError(f"grad can be implicitly created only for scalar outputs; RRef {rref_id} holds a "
+                               f"tensor of shape {list(value.shape)}")
         if context_id == -1:
             value.backward(retain_graph=retain_graph)
             return PassResult(0, True, [])
