@@ -280,3 +280,27 @@ def _many_concurrent_forks(rank, world_size):
 
 def test_many_concurrent_forks_all_freed():
     assert run_workers(_many_concurrent_forks, 4) == [True] * 4
+
+
+# --- a function runs once the RRefs it received are confirmed -------------------------------
+
+
+def confirmed_inside(rref):
+    return rref.confirmed_by_owner()
+
+
+def _confirmed_before_the_function_runs(rank, world_size):
+    init(rank, world_size)
+    out = {}
+    if rank == 0:
+        rref = rpc.remote("worker2", make_tracked, args=("c",))  # owned by worker2, a user here
+        out["sync"] = rpc.rpc_sync("worker1", confirmed_inside, args=(rref,))  # a user -> user fork
+        out["remote"] = rpc.remote("worker1", confirmed_inside, args=(rref,)).to_here()
+        out["async"] = [f.wait() for f in [rpc.rpc_async("worker1", confirmed_inside, args=(rref,)) for _ in range(5)]]
+    rpc.shutdown()
+    return out
+
+
+def test_a_function_given_an_rref_runs_after_the_owner_confirmed_it():
+    out = run_workers(_confirmed_before_the_function_runs, 3)[0]
+    assert out == {"sync": True, "remote": True, "async": [True] * 5}

@@ -154,6 +154,8 @@ class RRefContext:
         self.deleted_forks: dict[GloballyUniqueId, set[GloballyUniqueId]] = {}
         #: user side: fork id -> UserRRef waiting for the owner's confirmation (kept alive)
         self.pending_users: dict[GloballyUniqueId, UserRRef] = {}
+        #: user side: fork id -> waiters for its confirmation, each [forks still awaited, callback]
+        self._confirm_waiters: dict[GloballyUniqueId, list[list]] = {}
         #: parent side: child fork id -> parent handle kept alive until the child accepts (G2)
         self.pending_children: dict[GloballyUniqueId, Any] = {}
         #: parent side: child fork id -> the worker it was sent to, where known
@@ -262,8 +264,10 @@ class RRefContext:
             return
         if error is not None:
             user.error = error
+            self._settled([fork_id])
             return
         self._confirm(user)
+        self._settled([fork_id])
         if parent_id == self.worker_id:
             self.on_child_accept(fork_id)
         else:
@@ -283,6 +287,31 @@ class RRefContext:
             user.error = error
         else:
             self._confirm(user)
+        self._settled([fork_id])
+
+    def when_settled(self, users: list[UserRRef], fn: Callable[[], None]) -> None:
+        """Call ``fn()`` once none of ``users`` waits for its owner's confirmation any more
+        (confirmed, or failed): now, on this thread, if none does. torch runs a function whose
+        arguments hold RRefs only then, so that ``confirmed_by_owner()`` is true inside it."""
+        with self._lock:
+            waiting = [u.fork_id for u in users if u.fork_id in self.pending_users]
+            if waiting:
+                waiter = [len(waiting), fn]
+                for fork_id in waiting:
+                    self._confirm_waiters.setdefault(fork_id, []).append(waiter)
+                return
+        fn()
+
+    def _settled(self, fork_ids: list[GloballyUniqueId]) -> None:
+        ready = []
+        with self._lock:
+            for fork_id in fork_ids:
+                for waiter in self._confirm_waiters.pop(fork_id, ()):
+                    waiter[0] -= 1
+                    if waiter[0] == 0:
+                        ready.append(waiter[1])
+        for fn in ready:
+            fn()
 
     def _confirm(self, user: UserRRef) -> None:
         user.confirmed = True
@@ -337,6 +366,7 @@ class RRefContext:
             for u in users:
                 del self.pending_users[u.fork_id]
                 u.error = error
+        self._settled([u.fork_id for u in users])
         del parents, users
 
     def _del_fork(self, rref_id: GloballyUniqueId, fork_id: GloballyUniqueId) -> OwnerRRef | None:
@@ -374,12 +404,14 @@ class RRefContext:
         with self._lock:
             users = list(self.confirmed_users.values())
             self.confirmed_users.clear()
+            pending = list(self.pending_users)
             self.pending_users.clear()
             self.pending_children.clear()
             self._closed = True
         for user in users:
             if user._finalizer is not None:
                 user._finalizer.detach()
+        self._settled(pending)
 
     def debug_info(self) -> dict[str, int]:
         with self._lock:

@@ -175,13 +175,24 @@ class CallService:
 
     def _run_call(self, src: int, payload: m.Payload, tag: Optional[m.AutogradTag], done: Done) -> None:
         """Unpickle and run a call's function inside the caller's context; ``done`` when it finishes."""
+        users: list = []
         try:
-            func, args, kwargs = self.payloads.load_call(src, payload, tag)
+            func, args, kwargs = self.payloads.load_call(src, payload, tag, users)
         except BaseException as e:
             done(None, e)
             return
-        with use_context(tag.context_id if tag else None):  # the callee runs inside the caller's context
-            self._run_user(func, args, kwargs, done)
+        cid = tag.context_id if tag else None
+
+        def run() -> None:
+            with use_context(cid):  # the callee runs inside the caller's context
+                self._run_user(func, args, kwargs, done)
+
+        # as in torch, the function runs once the owners of the RRefs it received have confirmed
+        # them (confirmed_by_owner() is true inside it); until then no thread waits
+        if users:
+            self.rrefs.when_settled(users, run)
+        else:
+            run()
 
     def handle_call(self, src: int, msg: m.PythonCall, tag: Optional[m.AutogradTag] = None) -> None:
         cid = tag.context_id if tag else None

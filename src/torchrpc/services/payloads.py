@@ -53,7 +53,7 @@ class RecvSession(serialization.Session):
     """Unpickling state of one incoming message: its sender, and the received tensors that
     require grad (its *recv*) when it came inside a context."""
 
-    __slots__ = ("ctx", "src", "recording", "grad_tensors", "world_size")
+    __slots__ = ("ctx", "src", "recording", "grad_tensors", "world_size", "users")
 
     def __init__(self, ctx: RRefContext, src: int, recording: bool = False, world_size: int = 1 << 32) -> None:
         self.world_size = world_size
@@ -61,6 +61,7 @@ class RecvSession(serialization.Session):
         self.src = src
         self.recording = recording
         self.grad_tensors: list[torch.Tensor] = []
+        self.users: list[UserRRef] = []  # the user RRefs the message brought
 
     def on_recv_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.recording:
@@ -72,7 +73,10 @@ class RecvSession(serialization.Session):
             raise ProtocolError(f"RRef fork names owner {fork.owner_id}, not a worker of this job")
         if fork.parent_id != self.src:
             raise ProtocolError(f"RRef fork names parent {fork.parent_id} but came from worker {self.src}")
-        return self.ctx.receive_fork(fork)
+        handle = self.ctx.receive_fork(fork)
+        if isinstance(handle, UserRRef):
+            self.users.append(handle)
+        return handle
 
 
 class Payloads:
@@ -111,11 +115,15 @@ class Payloads:
         self.autograd.touch(cid, dest)
         return m.AutogradTag(cid)
 
-    def loads(self, payload: m.Payload, src: int, tag: Optional[m.AutogradTag]) -> Any:
-        """Unpickle a payload from ``src``, recording its recv if it came inside a context."""
+    def loads(self, payload: m.Payload, src: int, tag: Optional[m.AutogradTag],
+              users: Optional[list] = None) -> Any:
+        """Unpickle a payload from ``src``, recording its recv if it came inside a context; the
+        user RRefs it brought are added to ``users``, if given."""
         session = RecvSession(self.rrefs, src, recording=bool(tag and tag.autograd_message_id),
                               world_size=self.world_size)
         value = serialization.loads(payload, session)
+        if users is not None:
+            users.extend(session.users)
         if tag is not None:
             if tag.autograd_message_id:
                 self.autograd.record_recv(tag.context_id, src, tag.autograd_message_id, session.grad_tensors,
@@ -124,9 +132,10 @@ class Payloads:
                 self.autograd.touch(tag.context_id, src)
         return value
 
-    def load_call(self, src: int, payload: m.Payload, tag: Optional[m.AutogradTag]) -> tuple:
+    def load_call(self, src: int, payload: m.Payload, tag: Optional[m.AutogradTag],
+                  users: Optional[list] = None) -> tuple:
         """Unpickle a call's ``(func, args, kwargs)``; a ProtocolError if it is not one."""
-        call = self.loads(payload, src, tag)
+        call = self.loads(payload, src, tag, users)
         if not (isinstance(call, tuple) and len(call) == 3 and callable(call[0])
                 and isinstance(call[1], tuple) and isinstance(call[2], dict)):
             raise ProtocolError("a call payload must be (callable, args tuple, kwargs dict)")
