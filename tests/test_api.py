@@ -560,3 +560,24 @@ def _views_over_rpc(rank, world_size):
 def test_views_and_memory_formats_survive_the_trip():
     out = run_workers(_views_over_rpc, 2)[0]
     assert out == {"narrow": (True, False, True), "channels_last": (True, True)}
+
+
+def _to_here_after_shutdown(rank, world_size):
+    init(rank, world_size)
+    out = {}
+    if rank == 0:
+        rref = rpc.remote("worker1", torch.ones, args=(2,))
+        out["before"] = rref.to_here().tolist()
+    rpc.shutdown()
+    if rank == 0:
+        try:
+            rref.to_here()
+        except RuntimeError as e:
+            out["after"] = str(e)
+    return out
+
+
+def test_to_here_after_shutdown_says_the_rref_was_deleted():
+    out = run_workers(_to_here_after_shutdown, 2)[0]
+    assert out["before"] == [1.0, 1.0]
+    assert out["after"].startswith("Cannot call to_here() on it after deletion: UserRRef("), out

@@ -70,6 +70,8 @@ class RRef(Generic[T]):
         """A copy of the value, fetched from the owner (the value itself on the owner)."""
         if isinstance(self._handle, OwnerRRef):
             return self._handle.value(timeout if timeout and timeout > 0 else None)
+        if self._handle.deleted:
+            raise RPCError(f"Cannot call to_here() on it after deletion: {self!r} was deleted when RPC shut down")
         return current.agent().fetch(self._handle, timeout, self._created).wait()
 
     def rpc_sync(self, timeout: float = UNSET_RPC_TIMEOUT) -> Any:

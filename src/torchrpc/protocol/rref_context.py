@@ -136,6 +136,11 @@ class UserRRef:
         self.error: BaseException | None = None
         self._finalizer: weakref.finalize | None = None
 
+    @property
+    def deleted(self) -> bool:
+        """Whether this user's delete was sent or dropped already (shutdown deletes every user)."""
+        return self._finalizer is not None and not self._finalizer.alive
+
 
 class RRefContext:
     """One worker's RRef tables: owned values, known forks, pending users and children."""
