@@ -581,3 +581,11 @@ def test_to_here_after_shutdown_says_the_rref_was_deleted():
     out = run_workers(_to_here_after_shutdown, 2)[0]
     assert out["before"] == [1.0, 1.0]
     assert out["after"].startswith("Cannot call to_here() on it after deletion: UserRRef("), out
+
+
+def test_init_rpc_argument_types_are_checked_as_torch_checks_them():
+    with pytest.raises(TypeError, match="Argument backend must be a member of BackendType"):
+        rpc.init_rpc("w", backend="TENSORPIPE", rank=0, world_size=1)
+    with pytest.raises(TypeError, match="Argument rpc_backend_options must be an instance of RpcBackendOptions"):
+        rpc.init_rpc("w", rank=0, world_size=1, rpc_backend_options={"init_method": "env://"})
+    assert rpc.api.current.get_agent_or_none() is None  # nothing was started

@@ -35,8 +35,13 @@ def init_rpc(
     """
     if not isinstance(name, str) or not name or len(name) > 128:
         raise ValueError(f"worker name must be a non-empty string of at most 128 characters, got {name!r}")
-    if backend is not None and not isinstance(backend, (BackendType, str)) and not hasattr(backend, "name"):
-        raise TypeError(f"backend must be a BackendType, got {type(backend).__name__}")
+    if backend is not None and (isinstance(backend, str) or not hasattr(backend, "name")):
+        raise TypeError(f"Argument backend must be a member of BackendType (torchrpc.BackendType), not "
+                        f"{backend!r}")
+    if rpc_backend_options is not None and not isinstance(rpc_backend_options, RpcBackendOptions):
+        raise TypeError("Argument rpc_backend_options must be an instance of RpcBackendOptions "
+                        f"(torchrpc.RpcBackendOptions or torchrpc.TensorPipeRpcBackendOptions), not "
+                        f"{type(rpc_backend_options).__module__}.{type(rpc_backend_options).__qualname__}")
     options = rpc_backend_options if rpc_backend_options is not None else RpcBackendOptions()
     with current.lock:
         if current.get_agent_or_none() is not None:
