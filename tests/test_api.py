@@ -589,3 +589,28 @@ def test_init_rpc_argument_types_are_checked_as_torch_checks_them():
     with pytest.raises(TypeError, match="Argument rpc_backend_options must be an instance of RpcBackendOptions"):
         rpc.init_rpc("w", rank=0, world_size=1, rpc_backend_options={"init_method": "env://"})
     assert rpc.api.current.get_agent_or_none() is None  # nothing was started
+
+
+def _process_group_and_rpc(rank, world_size, pg_first):
+    import torch.distributed as dist
+
+    def pg():
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)  # env://, the same port
+
+    if pg_first:
+        pg()
+    init(rank, world_size)
+    if not pg_first:
+        pg()
+    t = torch.ones(2) * (rank + 1)
+    dist.all_reduce(t)
+    out = {"all_reduce": t.tolist(), "rpc": rpc.rpc_sync(f"worker{(rank + 1) % world_size}", add, args=(rank, 100))}
+    rpc.shutdown()
+    dist.destroy_process_group()
+    return out
+
+
+@pytest.mark.parametrize("pg_first", [True, False], ids=["process_group_first", "rpc_first"])
+def test_a_gloo_process_group_and_rpc_share_master_port(pg_first):
+    outs = run_workers(_process_group_and_rpc, 2, args=(pg_first,))
+    assert outs == [{"all_reduce": [3.0, 3.0], "rpc": 100}, {"all_reduce": [3.0, 3.0], "rpc": 101}]

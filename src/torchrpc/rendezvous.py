@@ -74,8 +74,11 @@ def rendezvous(init_method: str, rank: int, world_size: Optional[int], timeout: 
 
 
 def _tcp_store(host: str, port: int, rank: int, world_size: int, timeout: timedelta) -> dist.Store:
+    # multi_tenant: a process group initialized on the same MASTER_ADDR:MASTER_PORT (gloo, before
+    # or after init_rpc) shares this process's store server, as torch's init_rpc shares it
     return dist.TCPStore(
-        host, port, world_size=None, is_master=(rank == 0), timeout=timeout, wait_for_workers=False
+        host, port, world_size=None, is_master=(rank == 0), timeout=timeout, wait_for_workers=False,
+        multi_tenant=True,
     )
 
 
