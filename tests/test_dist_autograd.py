@@ -1583,3 +1583,75 @@ def test_a_context_of_ten_thousand_sends_gives_one_process_gradients_and_leaves_
     assert out["contexts_inside"] == [1, 1]
     assert out["contexts_after"] == [0, 0, 0]
     assert out["pending_after"] == [{}, {}]
+
+
+# ======================================================================================
+# 9. Gradients kept in a context follow AccumulateGrad's rules
+# ======================================================================================
+
+
+class _TwoGrads(torch.autograd.Function):
+    ptr = None
+
+    @staticmethod
+    def forward(ctx, a, b):
+        return a + b
+
+    @staticmethod
+    def backward(ctx, grad):
+        _TwoGrads.ptr = grad.data_ptr()
+        return grad, grad  # one buffer for two leaves
+
+
+class _OneGrad(torch.autograd.Function):
+    ptr = None
+
+    @staticmethod
+    def forward(ctx, a):
+        return a.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        g = grad.clone()
+        _OneGrad.ptr = g.data_ptr()
+        return g
+
+
+class _ExpandedGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a):
+        ctx.shape = a.shape
+        return a.sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.expand(ctx.shape)  # stride 0
+
+
+def _accumulate_grad_rules(rank, world_size):
+    init(rank, world_size)
+    out = {}
+    if rank == 0:
+        a = torch.randn(5, 6, requires_grad=True)
+        b = torch.randn(5, 6, requires_grad=True)
+        with dist_autograd.context() as cid:
+            dist_autograd.backward(cid, [_TwoGrads.apply(a, b).sum()])
+            g = dist_autograd.get_gradients(cid)
+            out["shared"] = [g[a].data_ptr() == _TwoGrads.ptr, g[b].data_ptr() == _TwoGrads.ptr,
+                             g[a].data_ptr() == g[b].data_ptr(), g[a].tolist() == torch.ones(5, 6).tolist()]
+        with dist_autograd.context() as cid:
+            dist_autograd.backward(cid, [_OneGrad.apply(a).sum()])
+            out["own"] = dist_autograd.get_gradients(cid)[a].data_ptr() == _OneGrad.ptr
+        with dist_autograd.context() as cid:
+            dist_autograd.backward(cid, [_ExpandedGrad.apply(a)])
+            g = dist_autograd.get_gradients(cid)[a]
+            out["expanded"] = (g.is_contiguous(), g.stride(), g.tolist() == torch.ones(5, 6).tolist())
+    rpc.shutdown()
+    return out
+
+
+def test_context_gradients_follow_accumulate_grads_rules():
+    out = run_workers(_accumulate_grad_rules, 2)[0]
+    assert out["shared"] == [False, False, False, True]  # one buffer for two leaves: each gets a copy
+    assert out["own"] is True  # a buffer only this leaf's gradient uses is kept, not copied
+    assert out["expanded"] == (True, (6, 1), True)  # an expanded gradient is made contiguous

@@ -8,6 +8,7 @@ backward passes. Plain objects: no I/O.
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import threading
 from dataclasses import dataclass, field
@@ -160,10 +161,19 @@ class DistAutogradContext:
                            f"message id {autograd_message_id}")
         return ex.edges or []
 
-    def accumulate(self, tensor: torch.Tensor, grad: torch.Tensor) -> None:
+    def accumulate(self, grads: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Add one step's leaf gradients, as AccumulateGrad would: a gradient is kept as it is
+        only if it is contiguous and no other leaf's gradient shares its memory; else a copy."""
+        ptrs = collections.Counter(g.data_ptr() for _, g in grads)
         with self.lock:
-            prev = self.grads.get(tensor)
-            self.grads[tensor] = grad if prev is None else prev + grad
+            for tensor, grad in grads:
+                prev = self.grads.get(tensor)
+                if prev is not None:
+                    self.grads[tensor] = prev + grad
+                elif ptrs[grad.data_ptr()] > 1 or not grad.is_contiguous():
+                    self.grads[tensor] = grad.clone(memory_format=torch.contiguous_format)
+                else:
+                    self.grads[tensor] = grad
 
     def build_engine(self, state: PassState) -> LocalBackward:
         """The pass's local engine, from its roots (if any) and the sends discovery found."""

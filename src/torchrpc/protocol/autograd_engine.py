@@ -114,6 +114,7 @@ class LocalBackward:
         self.retain_graph = retain_graph
         self._recv_of = recv_of
         self._undelivered = set(sources)
+        self._incoming: set[int] = set()  # ids of the delivered gradients (see _finish_sink)
         self._nodes: dict[int, Any] = {}
         self._deps: dict[int, int] = {}
         self._buffers: dict[int, dict[int, torch.Tensor]] = {}
@@ -170,6 +171,7 @@ class LocalBackward:
         ready: list[int] = []
         for key, grads in deliveries:
             self._undelivered.discard(key)
+            self._incoming.update(id(g) for g in grads if g is not None)
             for e, g in zip(self.sources[key], grads):
                 if e is not None:
                     self._feed(e, g, ready, out)
@@ -202,6 +204,8 @@ class LocalBackward:
         hit = self._recv_of(t)
         if hit is None:
             if grad is not None:
+                if id(grad) in self._incoming:  # a delivered buffer (maybe a view of a message's) is not kept
+                    grad = grad.clone()
                 out.leaf_grads.append((t, grad))
             return
         key, idx = hit

@@ -288,8 +288,7 @@ class DistAutograd:
         would cost a round trip. Likewise the replies to our own requests may bring
         gradients for our sends: they run here, in turn.
         """
-        for t, g in outcome.leaf_grads:
-            ctx.accumulate(t, g)
+        ctx.accumulate(outcome.leaf_grads)
         back: list[Returned] = []
         by_peer: dict[int, list[Returned]] = {}
         for ag_id, grads in outcome.recvs_done.items():
