@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import operator
 import os
+import sys
 import time
 
 import pytest
@@ -263,6 +264,7 @@ def test_remote_exceptions_keep_type_and_traceback():
     assert out["async"] == "async"
     type_name, text = out["unpicklable"]
     assert type_name.endswith("Unpicklable") and "no pickle" in text and "raise_unpicklable" in text
+    assert text.startswith("Original exception on remote side was common.Unpicklable: no pickle")  # torch's phrase
     assert out["remote"] == "in remote"
     assert out["still_serving"] == 2
 
@@ -614,3 +616,28 @@ def _process_group_and_rpc(rank, world_size, pg_first):
 def test_a_gloo_process_group_and_rpc_share_master_port(pg_first):
     outs = run_workers(_process_group_and_rpc, 2, args=(pg_first,))
     assert outs == [{"all_reduce": [3.0, 3.0], "rpc": 100}, {"all_reduce": [3.0, 3.0], "rpc": 101}]
+
+
+def _function_only_on_the_caller(rank, world_size):
+    init(rank, world_size)
+    out = {}
+    if rank == 0:
+        import types
+
+        module = types.ModuleType("only_on_worker0")
+        exec("def f():\n    return 1\n", module.__dict__)
+        sys.modules["only_on_worker0"] = module
+        try:
+            rpc.rpc_sync("worker1", module.f)
+        except RuntimeError as e:
+            out["error"] = (type(e).__name__, str(e))
+        out["still_serving"] = rpc.rpc_sync("worker1", add, args=(1, 1))
+    rpc.shutdown()
+    return out
+
+
+def test_a_function_the_callee_lacks_gets_torchs_hint():
+    out = run_workers(_function_only_on_the_caller, 2)[0]
+    kind, msg = out["error"]
+    assert kind == "SerializationError" and "Ensure that UDFs are defined on both caller and callee modules" in msg
+    assert msg.startswith("RPC pickler does not serialize function code") and out["still_serving"] == 2

@@ -77,6 +77,9 @@ def loads(payload: Payload, session: Any = None) -> Any:
     _tls.session = session
     try:
         return pickle.loads(payload.data, buffers=payload.buffers)
+    except (AttributeError, ImportError) as e:  # a function or class this process does not have
+        raise SerializationError(f"RPC pickler does not serialize function code. Ensure that UDFs are defined on "
+                                 f"both caller and callee modules ({type(e).__name__}: {e})") from e
     except (pickle.UnpicklingError, EOFError, ValueError, IndexError) as e:
         raise SerializationError(f"cannot unpickle payload: {type(e).__name__}: {e}") from e
     finally:

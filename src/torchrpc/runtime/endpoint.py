@@ -246,7 +246,8 @@ class Endpoint:
             except BaseException:
                 exc = None
         if not isinstance(exc, BaseException):
-            exc = RemoteError(f"{reply.type_name}: {reply.message}\n{where}", reply.type_name, reply.traceback)
+            exc = RemoteError(f"Original exception on remote side was {reply.type_name}: {reply.message} (it could "
+                              f"not be rebuilt here)\n{where}", reply.type_name, reply.traceback)
         else:
             exc.add_note(where)
         exc.remote_traceback = reply.traceback
