@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import torchrpc as rpc
+import torchrpc.autograd as dist_autograd
 from common import (
     add, call, chain, ident, init, make_tracked, name, open_sockets, ping_pong,
     raise_unpicklable, raise_value_error, rpc_agent_set, sleep_then, torchrpc_threads, whoami,
@@ -314,9 +315,12 @@ def test_bad_arguments_are_clear_errors_and_send_nothing():
 
 
 def test_calls_before_init_and_after_shutdown_fail_clearly():
+    # worded as torch words them: its RPC functions' check, and its agent's for everything else
     for fn in (lambda: rpc.rpc_sync("w", add, args=(1, 2)), lambda: rpc.rpc_async("w", add),
-               lambda: rpc.remote("w", add), lambda: rpc.get_worker_info(), lambda: rpc.shutdown(),
-               lambda: rpc.RRef(1)):
+               lambda: rpc.remote("w", add), lambda: rpc.get_worker_info(), lambda: rpc.shutdown()):
+        with pytest.raises(RuntimeError, match="^RPC has not been initialized. Call torchrpc.init_rpc first"):
+            fn()
+    for fn in (lambda: rpc.RRef(1), lambda: dist_autograd.context().__enter__()):
         with pytest.raises(RuntimeError, match="Current RPC agent is not set! Did you initialize the RPC framework"):
             fn()
 

@@ -86,7 +86,7 @@ def shutdown(graceful: bool = True, timeout: float = DEFAULT_SHUTDOWN_TIMEOUT) -
     bounds that wait. With ``graceful=False`` it stops at once.
     """
     with current.lock:
-        agent = current.agent()
+        agent = current.agent(api=True)
         try:
             agent.shutdown(graceful=graceful, timeout=timeout)
         finally:
@@ -95,12 +95,12 @@ def shutdown(graceful: bool = True, timeout: float = DEFAULT_SHUTDOWN_TIMEOUT) -
 
 def get_rpc_timeout() -> float:
     """This worker's default RPC timeout in seconds (``RpcBackendOptions.rpc_timeout``; 0: none)."""
-    return current.agent().rpc_timeout
+    return current.agent(api=True).rpc_timeout
 
 
 def get_worker_info(worker_name: Optional[str] = None) -> WorkerInfo:
     """The WorkerInfo of ``worker_name``, or of this worker if None."""
-    return current.agent().worker_info(worker_name)
+    return current.agent(api=True).worker_info(worker_name)
 
 
 def _call_args(func: Any, args: Any, kwargs: Any) -> tuple[tuple, dict]:
@@ -122,7 +122,7 @@ def rpc_async(
     ``Future.wait()``, with their type and the remote traceback.
     """
     args, kwargs = _call_args(func, args, kwargs)
-    return current.agent().call(to, func, args, kwargs, timeout)
+    return current.agent(api=True).call(to, func, args, kwargs, timeout)
 
 
 def rpc_sync(
@@ -131,7 +131,7 @@ def rpc_sync(
 ) -> Any:
     """Run ``func(*args, **kwargs)`` on worker ``to`` and return its result (see :func:`rpc_async`)."""
     args, kwargs = _call_args(func, args, kwargs)
-    return current.agent().call_sync(to, func, args, kwargs, timeout)
+    return current.agent(api=True).call_sync(to, func, args, kwargs, timeout)
 
 
 def remote(
@@ -144,7 +144,7 @@ def remote(
     by the RRef's next use (``to_here()``), as in torch.distributed.rpc.
     """
     args, kwargs = _call_args(func, args, kwargs)
-    handle, created = current.agent().remote(to, func, args, kwargs, timeout)
+    handle, created = current.agent(api=True).remote(to, func, args, kwargs, timeout)
     return RRef._wrap(handle, created)
 
 
@@ -156,4 +156,4 @@ def debug_info() -> dict[str, Any]:
     ``autograd_contexts`` (open context ids), ``peers`` (per worker: messages and
     bytes sent/received on the current connection, alive, shared memory in use).
     """
-    return current.agent().debug_info()
+    return current.agent(api=True).debug_info()

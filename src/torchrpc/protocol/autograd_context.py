@@ -164,13 +164,13 @@ class DistAutogradContext:
     def accumulate(self, grads: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Add one step's leaf gradients, as AccumulateGrad would: a gradient is kept as it is
         only if it is contiguous and no other leaf's gradient shares its memory; else a copy."""
-        ptrs = collections.Counter(g.data_ptr() for _, g in grads)
+        ptrs = collections.Counter(_memory_of(g) for _, g in grads)
         with self.lock:
             for tensor, grad in grads:
                 prev = self.grads.get(tensor)
                 if prev is not None:
                     self.grads[tensor] = prev + grad
-                elif ptrs[grad.data_ptr()] > 1 or not grad.is_contiguous():
+                elif ptrs[_memory_of(grad)] > 1 or (grad.layout is torch.strided and not grad.is_contiguous()):
                     self.grads[tensor] = grad.clone(memory_format=torch.contiguous_format)
                 else:
                     self.grads[tensor] = grad
@@ -209,6 +209,12 @@ class DistAutogradContext:
             self.passes.clear()
             self._send_reach.clear()
             self.direct_deliveries.clear()
+
+
+def _memory_of(t: torch.Tensor) -> Any:
+    """What tells two tensors' memory apart: the data pointer of a dense tensor, the object of
+    any other (a sparse tensor has none)."""
+    return t.data_ptr() if t.layout is torch.strided else id(t)
 
 
 class ContextContainer:

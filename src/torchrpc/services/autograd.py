@@ -148,6 +148,10 @@ class DistAutograd:
             if r.numel() != 1:
                 raise RuntimeError(f"Root {i} is not a scalar, all roots need to be scalar (shape {list(r.shape)})")
         ctx = self.contexts.get(context_id)
+        for i, r in enumerate(roots):
+            if r.grad_fn is None and ctx.recv_of(r) is None:  # a received tensor is a leaf here, but a valid root
+                raise RuntimeError(f"Root {i} does not have a valid gradient function (a leaf tensor is not the "
+                                   "output of a computation to start a backward pass from)")
         try:
             return self._run_pass(ctx, roots, bool(retain_graph), requester)
         except Exception as e:
