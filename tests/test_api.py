@@ -645,3 +645,13 @@ def test_a_function_the_callee_lacks_gets_torchs_hint():
     kind, msg = out["error"]
     assert kind == "SerializationError" and "Ensure that UDFs are defined on both caller and callee modules" in msg
     assert msg.startswith("RPC pickler does not serialize function code") and out["still_serving"] == 2
+
+
+def test_worker_names_follow_torchs_rule():
+    for bad, phrase in [("abc*", "Worker name must match"), (" ", "Worker name must match"),
+                        ("", "must be non-empty"), ("a" * 500, "shorter than 128")]:
+        with pytest.raises(RuntimeError, match=phrase):
+            rpc.WorkerInfo(bad, 0)
+        with pytest.raises(RuntimeError, match=phrase):
+            rpc.init_rpc(bad, rank=0, world_size=1)
+    assert rpc.WorkerInfo("trainer-3:gpu_0", 4).name == "trainer-3:gpu_0"

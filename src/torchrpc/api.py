@@ -33,8 +33,7 @@ def init_rpc(
         rpc_backend_options: a :class:`RpcBackendOptions` (also importable as
             ``TensorPipeRpcBackendOptions``): timeout, init_method, threads.
     """
-    if not isinstance(name, str) or not name or len(name) > 128:
-        raise ValueError(f"worker name must be a non-empty string of at most 128 characters, got {name!r}")
+    WorkerInfo(name, 0)  # checks the name as torch does (a RuntimeError naming the rule)
     if backend is not None and (isinstance(backend, str) or not hasattr(backend, "name")):
         raise TypeError(f"Argument backend must be a member of BackendType (torchrpc.BackendType), not "
                         f"{backend!r}")
