@@ -655,3 +655,28 @@ def test_worker_names_follow_torchs_rule():
         with pytest.raises(RuntimeError, match=phrase):
             rpc.init_rpc(bad, rank=0, world_size=1)
     assert rpc.WorkerInfo("trainer-3:gpu_0", 4).name == "trainer-3:gpu_0"
+
+
+def _proxy_of_missing_method(rank, world_size):
+    init(rank, world_size)
+    out = {}
+    if rank == 0:
+        rref = rpc.remote("worker1", torch.ones, args=(2,))
+        for label, proxy in [("sync", lambda: rref.rpc_sync().non_exist()),
+                             ("async", lambda: rref.rpc_async().non_exist().wait()),
+                             ("remote", lambda: rref.remote().non_exist())]:
+            try:
+                proxy()
+                out[label] = "no error"
+            except AttributeError as e:
+                out[label] = str(e)
+        out["works"] = rref.rpc_sync().sum().item()
+    rpc.shutdown()
+    return out
+
+
+def test_a_proxy_of_a_method_the_value_lacks_raises_attribute_error():
+    out = run_workers(_proxy_of_missing_method, 2)[0]
+    for label in ("sync", "async", "remote"):
+        assert "has no attribute 'non_exist'" in out[label], out
+    assert out["works"] == 2.0

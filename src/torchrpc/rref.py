@@ -25,18 +25,20 @@ class RRef(Generic[T]):
     is alive anywhere.
     """
 
-    __slots__ = ("_handle", "_created", "__weakref__")
+    __slots__ = ("_handle", "_created", "_type", "__weakref__")
 
     def __init__(self, value: T, type_hint: Optional[type] = None) -> None:
         agent = current.agent()
         self._handle: OwnerRRef | UserRRef = agent.ctx.create_owner(value)
         self._created: Optional[torch.futures.Future] = None
+        self._type: Optional[type] = None
 
     @classmethod
     def _wrap(cls, handle: OwnerRRef | UserRRef, created: Optional[torch.futures.Future] = None) -> "RRef":
         rref = cls.__new__(cls)
         rref._handle = handle
         rref._created = created
+        rref._type = None
         return rref
 
     def is_owner(self) -> bool:
@@ -105,6 +107,15 @@ class RRef(Generic[T]):
             self._created.wait()  # the owner must have the value before it can start from it
         agent.autograd.remote_rref_backward(h.owner_id, h.rref_id, dist_autograd_ctx_id, bool(retain_graph))
 
+    def _value_type(self, timeout: float = UNSET_RPC_TIMEOUT) -> type:
+        """The type of the value (asked of the owner once, then kept), for the proxies."""
+        if self._type is None:
+            if isinstance(self._handle, OwnerRRef):
+                self._type = type(self._handle.value())
+            else:
+                self._type = current.agent().call_sync(self.owner(), _type_of_value, (self,), {}, timeout)
+        return self._type
+
     def _get_future(self) -> torch.futures.Future:
         """A Future that completes when the owner has created the value (remote() only)."""
         if self._created is None:
@@ -145,11 +156,18 @@ class _Proxy:
         self._timeout = timeout
 
     def __getattr__(self, name: str) -> Any:
+        # as torch's proxies do: a name the value's type lacks is an AttributeError here, at once
+        getattr(self._rref._value_type(self._timeout), name)
         return functools.partial(_invoke, self._rref, self._how, name, self._timeout)
 
 
 def _invoke(rref: RRef, how: Any, name: str, timeout: float, *args: Any, **kwargs: Any) -> Any:
     return how(rref.owner(), _local_invoke, args=(rref, name, args, kwargs), timeout=timeout)
+
+
+def _type_of_value(rref: RRef) -> type:
+    """Runs on the owner: the type of the RRef's value."""
+    return type(rref.local_value())
 
 
 @async_execution
