@@ -1655,3 +1655,29 @@ def test_context_gradients_follow_accumulate_grads_rules():
     assert out["shared"] == [False, False, False, True]  # one buffer for two leaves: each gets a copy
     assert out["own"] is True  # a buffer only this leaf's gradient uses is kept, not copied
     assert out["expanded"] == (True, (6, 1), True)  # an expanded gradient is made contiguous
+
+
+def _hooks_on_leaves(rank, world_size):
+    init(rank, world_size)
+    out = {}
+    if rank == 0:
+        t1 = torch.ones(3, 3, requires_grad=True)
+        t1.register_hook(lambda grad: grad * 2)  # doubles t1's gradient, as in a local backward
+        t2 = torch.ones(3, 3, requires_grad=True)
+        local = torch.autograd.grad(torch.matmul(t1, t2).sum(), [t1, t2])
+        for mode in ("rpc_sync", "remote"):
+            with dist_autograd.context() as cid:
+                if mode == "rpc_sync":
+                    ret = rpc.rpc_sync("worker1", torch.matmul, args=(t1, t2))
+                else:
+                    ret = rpc.remote("worker1", torch.matmul, args=(t1, t2)).to_here()
+                dist_autograd.backward(cid, [ret.sum()])  # t1's gradient arrives straight from the recv
+                g = dist_autograd.get_gradients(cid)
+                out[mode] = torch.equal(g[t1], local[0]) and torch.equal(g[t2], local[1])
+        out["doubled"] = local[0].tolist() == (torch.ones(3, 3) * 6).tolist()
+    rpc.shutdown()
+    return out
+
+
+def test_tensor_hooks_run_on_leaves_whose_gradient_comes_from_a_recv():
+    assert run_workers(_hooks_on_leaves, 2)[0] == {"rpc_sync": True, "remote": True, "doubled": True}

@@ -83,6 +83,17 @@ class Outcome:
     recvs_done: dict[Hashable, list[Optional[torch.Tensor]]] = field(default_factory=dict)
 
 
+def _tensor_hooks(t: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``grad`` through the hooks registered on leaf ``t`` (``t.register_hook``), in order, as the
+    engine runs them on a gradient it captures."""
+    hooks = getattr(t, "_backward_hooks", None)
+    for hook in list(hooks.values()) if hooks else ():
+        changed = hook(grad)
+        if changed is not None:
+            grad = changed
+    return grad
+
+
 def _add(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     if a is None:
         return b
@@ -174,7 +185,7 @@ class LocalBackward:
             self._incoming.update(id(g) for g in grads if g is not None)
             for e, g in zip(self.sources[key], grads):
                 if e is not None:
-                    self._feed(e, g, ready, out)
+                    self._feed(e, g, ready, out, hooked=False)
         if not self._undelivered:
             self._run_rest(out)
         else:
@@ -184,9 +195,14 @@ class LocalBackward:
 
     # --- internals ----------------------------------------------------------------
 
-    def _feed(self, edge: Edge, grad: Optional[torch.Tensor], ready: list[int], out: Outcome) -> None:
+    def _feed(self, edge: Edge, grad: Optional[torch.Tensor], ready: list[int], out: Outcome,
+              hooked: bool = True) -> None:
+        """Add ``grad`` into ``edge``; ``hooked``: it came from an engine call, which ran the hooks of
+        the tensor it reaches if that is a leaf (else they run here, as a local backward would)."""
         node, nr = edge
         nid = id(node)
+        if grad is not None and not hooked and is_sink(node):
+            grad = _tensor_hooks(node.variable, grad)
         if grad is not None:
             buf = self._buffers.setdefault(nid, {})
             buf[nr] = _add(buf.get(nr), grad)
@@ -230,7 +246,7 @@ class LocalBackward:
                 results = self._call(node, buf)
             for (n, nr), g in zip(node.next_functions, results):
                 if n is not None:
-                    self._feed((n, nr), g, ready, out)
+                    self._feed((n, nr), g, ready, out, hooked=False)
             return
         grads = engine_grad([GradientEdge(node, nr) for nr in buf], [GradientEdge(n, nr) for n, nr in unique],
                             list(buf.values()), self.retain_graph)
