@@ -170,7 +170,9 @@ class DistAutogradContext:
                 prev = self.grads.get(tensor)
                 if prev is not None:
                     self.grads[tensor] = prev + grad
-                elif ptrs[_memory_of(grad)] > 1 or (grad.layout is torch.strided and not grad.is_contiguous()):
+                elif grad.layout is not torch.strided:
+                    self.grads[tensor] = grad.clone() if ptrs[_memory_of(grad)] > 1 else grad
+                elif ptrs[_memory_of(grad)] > 1 or not grad.is_contiguous():
                     self.grads[tensor] = grad.clone(memory_format=torch.contiguous_format)
                 else:
                     self.grads[tensor] = grad
