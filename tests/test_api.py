@@ -438,7 +438,7 @@ def test_options_compatibility():
     opts = rpc.TensorPipeRpcBackendOptions(num_worker_threads=4, rpc_timeout=5, init_method="tcp://h:1",
                                            _transports=["shm"], _channels=["basic"], devices=["cpu"])
     assert (opts.num_worker_threads, opts.rpc_timeout, opts.init_method) == (4, 5.0, "tcp://h:1")
-    assert rpc.TensorPipeRpcBackendOptions is rpc.RpcBackendOptions
+    assert issubclass(rpc.TensorPipeRpcBackendOptions, rpc.RpcBackendOptions)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             rpc.TensorPipeRpcBackendOptions(device_maps={"worker1": {0: 1}})
@@ -589,7 +589,13 @@ def test_to_here_after_shutdown_says_the_rref_was_deleted():
     assert out["after"].startswith("Cannot call to_here() on it after deletion: UserRRef("), out
 
 
+class _OtherOptions(rpc.RpcBackendOptions):
+    pass
+
+
 def test_init_rpc_argument_types_are_checked_as_torch_checks_them():
+    with pytest.raises(TypeError, match="Could not infer backend for options"):
+        rpc.init_rpc("w", rank=0, world_size=1, rpc_backend_options=_OtherOptions())
     with pytest.raises(TypeError, match="Argument backend must be a member of BackendType"):
         rpc.init_rpc("w", backend="TENSORPIPE", rank=0, world_size=1)
     with pytest.raises(TypeError, match="Argument rpc_backend_options must be an instance of RpcBackendOptions"):

@@ -11,7 +11,8 @@ from . import current
 from . import rendezvous as rdzv
 from .agent import Agent
 from .errors import RPCError
-from .options import DEFAULT_SHUTDOWN_TIMEOUT, UNSET_RPC_TIMEOUT, BackendType, RpcBackendOptions
+from .options import (DEFAULT_SHUTDOWN_TIMEOUT, UNSET_RPC_TIMEOUT, BackendType, RpcBackendOptions,
+                      TensorPipeRpcBackendOptions)
 from .rref import RRef
 from .worker_info import WorkerInfo
 
@@ -41,6 +42,11 @@ def init_rpc(
         raise TypeError("Argument rpc_backend_options must be an instance of RpcBackendOptions "
                         f"(torchrpc.RpcBackendOptions or torchrpc.TensorPipeRpcBackendOptions), not "
                         f"{type(rpc_backend_options).__module__}.{type(rpc_backend_options).__qualname__}")
+    if (backend is None and rpc_backend_options is not None and type(rpc_backend_options) is not RpcBackendOptions
+            and not isinstance(rpc_backend_options, TensorPipeRpcBackendOptions)):
+        # as torch: options of another subclass name no backend this library knows
+        raise TypeError(f"Could not infer backend for options {rpc_backend_options!r}: pass backend= or use "
+                        "torchrpc.RpcBackendOptions / TensorPipeRpcBackendOptions")
     options = rpc_backend_options if rpc_backend_options is not None else RpcBackendOptions()
     with current.lock:
         if current.get_agent_or_none() is not None:

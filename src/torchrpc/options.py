@@ -104,8 +104,9 @@ class RpcBackendOptions:
         )
 
 
-#: torch.distributed.rpc's name for the options class, so existing programs run unchanged.
-TensorPipeRpcBackendOptions = RpcBackendOptions
+class TensorPipeRpcBackendOptions(RpcBackendOptions):
+    """torch.distributed.rpc's name for the options, so existing programs run unchanged: the
+    same options (it adds nothing to :class:`RpcBackendOptions`)."""
 
 
 def _cuda_device(d: Any, option: str) -> torch.device:
