@@ -16,7 +16,7 @@ import copyreg
 import io
 import pickle
 import threading
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -105,8 +105,7 @@ def _reduce_tensor(t: torch.Tensor) -> tuple:
         # its elements cover travels, and the receiver makes the same view of it (torch sends
         # the whole storage; the span is all of it that the view can reach)
         strides = tuple(t.stride())
-        span = 1 + sum((n - 1) * s for n, s in zip(t.shape, strides)) if t.numel() else 0
-        raw = raw_buffer(t.detach().as_strided((span,), (1,)))
+        raw = raw_buffer(t.detach().as_strided((_span(t.shape, strides),), (1,)))
     rebuild = _rebuild_parameter if isinstance(t, torch.nn.Parameter) else _rebuild_tensor
     session = getattr(_tls, "session", None)
     if session is not None and t.requires_grad:
@@ -115,12 +114,16 @@ def _reduce_tensor(t: torch.Tensor) -> tuple:
     return rebuild, args if strides is None else (*args, strides)
 
 
+def _span(shape: Sequence[int], strides: Sequence[int]) -> int:
+    """How many elements of storage a view of ``shape`` and (non-negative) ``strides`` reaches."""
+    return 1 + sum((n - 1) * s for n, s in zip(shape, strides)) if all(shape) else 0
+
+
 def _from_buffer(buf: Any, dtype: torch.dtype, shape: tuple, strides: Optional[tuple]) -> torch.Tensor:
     if strides is None:
         return tensor_from_buffer(buf, dtype, shape)
-    span = tensor_from_buffer(buf, dtype, (memoryview(buf).nbytes // torch.empty((), dtype=dtype).element_size(),))
-    needed = 1 + sum((n - 1) * s for n, s in zip(shape, strides)) if all(shape) else 0
-    if len(strides) != len(shape) or min(strides, default=0) < 0 or needed > span.numel():
+    span = tensor_from_buffer(buf, dtype, (memoryview(buf).nbytes // dtype.itemsize,))
+    if len(strides) != len(shape) or min(strides, default=0) < 0 or _span(shape, strides) > span.numel():
         raise ValueError(f"a tensor of shape {list(shape)} and strides {list(strides)} does not fit its "
                          f"{span.numel()}-element buffer")
     return span.as_strided(shape, strides)

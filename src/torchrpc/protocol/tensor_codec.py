@@ -62,7 +62,7 @@ def tensor_from_buffer(buf: Any, dtype: torch.dtype, shape: Sequence[int]) -> to
 #: microseconds each instead of a buffer, a copy and several torch calls each. Larger tensors
 #: keep a buffer of their own and travel without a copy.
 PACK_BELOW = 64 << 10
-_ITEMSIZE = tuple(torch.empty((), dtype=dt).element_size() for dt in DTYPES)
+_ITEMSIZE = tuple(dt.itemsize for dt in DTYPES)
 _NONE, _OWN, _PACKED = 0, 1, 2
 
 

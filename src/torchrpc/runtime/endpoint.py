@@ -213,12 +213,15 @@ class Endpoint:
 
     # --- replying -----------------------------------------------------------------
 
-    def reply(self, dest: int, msg: m.Message) -> None:
-        """Send a reply; a reader's reply is deferred until it would wait for input."""
+    def reply(self, dest: int, msg: m.Message) -> bool:
+        """Send a reply; a reader's reply is deferred until it would wait for input. Whether it
+        went (False: the requester is gone, and nobody waits for the reply any more)."""
         try:
             self.send(dest, msg.encode(), self.readers.holds(dest))
+            return True
         except WorkerUnavailableError as e:
             log.debug("torchrpc %s: reply to %d lost: %s", self.name, dest, e)
+            return False
 
     def reply_ack(self, dest: int, msg_id: int) -> None:
         self.reply(dest, m.RRefAck(msg_id))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from ..errors import DuplicateNameError, RPCError, UnknownWorkerError, WorkerUnavailableError
 from ..transport import Connection

@@ -13,7 +13,7 @@ from ..protocol.autograd_context import current_context_id, use_context
 from ..errors import ProtocolError, RPCError
 from ..functions import func_name, is_async_function
 from ..protocol import messages as m
-from ..protocol.rref_context import OwnerRRef, RRefContext, UserRRef
+from ..protocol.rref_context import OwnerRRef, RRefContext
 from ..runtime.endpoint import Endpoint
 from ..runtime.pending import CLAIM, WAITER
 from ..runtime.pool import Pool

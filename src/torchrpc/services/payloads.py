@@ -2,7 +2,6 @@
 autograd sends and recvs they make, and replies that carry a value."""
 from __future__ import annotations
 
-import logging
 from typing import Any, Callable, Optional
 
 import torch
@@ -10,14 +9,12 @@ import torch
 from .. import serialization
 from ..protocol.autograd_context import current_context_id
 from .autograd import DistAutograd
-from ..errors import ProtocolError, SerializationError, WorkerUnavailableError
+from ..errors import ProtocolError, SerializationError
 from ..functions import func_name
 from ..protocol import messages as m
 from ..protocol.rref_context import ForkData, OwnerRRef, RRefContext, UserRRef
 from ..runtime.endpoint import Endpoint
 from ..runtime.pending import ReplyCallback
-
-log = logging.getLogger("torchrpc")
 
 
 class SendSession(serialization.Session):
@@ -178,11 +175,8 @@ class Payloads:
         tag = self.tag(session, dest)
         if tag is not None:
             reply = tag.wrap(reply)
-        try:
-            endpoint.send(dest, reply.encode(), endpoint.readers.holds(dest))
-        except WorkerUnavailableError as e:
-            session.cancel()
-            log.debug("torchrpc %s: reply to %d lost: %s", endpoint.name, dest, e)
+        if not endpoint.reply(dest, reply):
+            session.cancel()  # the forks it made will never be received
 
 
 def copy_payload(payload: m.Payload) -> m.Payload:
