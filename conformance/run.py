@@ -45,6 +45,12 @@ SUITES = [
     ("cf_dist_autograd_test", "DistAutogradTest"),
     ("cf_dist_optimizer_test", "DistOptimizerTest"),
 ]
+# Run only when named with --suite: torch's TensorPipe-only suites, which hold its sparse-tensor
+# tests (with -k sparse) among tests of TensorPipe's own options.
+OPTIONAL_SUITES = [
+    ("cf_rpc_test", "TensorPipeAgentRpcTest"),
+    ("cf_dist_autograd_test", "TensorPipeAgentDistAutogradTest"),
+]
 # The wheel files copied (more are added when a copied file imports a sibling).
 RPC_FILES = ["rpc_test", "dist_autograd_test", "dist_optimizer_test", "rpc_agent_test_fixture"]
 
@@ -739,8 +745,9 @@ def main(argv=None):
     ap.add_argument("-k", dest="pattern", help="run only selected tests whose 'Suite.test' matches this regex")
     ap.add_argument("--timeout", type=float, default=60, help="seconds per test (default 60)")
     ap.add_argument("--deadline", type=float, default=1500, help="seconds for the whole run (default 1500)")
-    ap.add_argument("--suite", action="append", choices=[s for _, s in SUITES],
-                    help="run only this suite (may repeat)")
+    ap.add_argument("--suite", action="append", choices=[s for _, s in SUITES + OPTIONAL_SUITES],
+                    help="run only this suite (may repeat); " + ", ".join(s for _, s in OPTIONAL_SUITES) +
+                         " run only when named")
     ap.add_argument("--json", dest="json_path", help="write per-test outcomes to this JSON file")
     ap.add_argument("--start-method", choices=["spawn", "forkserver"], default="spawn",
                     help="how the ranks start: spawn (torch's MultiProcessTestCase, default) or "
@@ -760,7 +767,8 @@ def main(argv=None):
 
     if REPO_SRC:
         sys.path.insert(0, REPO_SRC)
-    suites = [(m, s) for m, s in SUITES if not args.suite or s in args.suite]
+    suites = [(m, s) for m, s in SUITES + OPTIONAL_SUITES
+              if (s in args.suite if args.suite else (m, s) in SUITES)]
     workdir = args.workdir or tempfile.mkdtemp(prefix="torchrpc-conformance-")
     os.makedirs(workdir, exist_ok=True)
     try:

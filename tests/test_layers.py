@@ -37,6 +37,7 @@ LAYERS: dict[str, int] = {
     "torchrpc.transport.*": BASE,
     "torchrpc.rendezvous": BASE,
     "torchrpc.protocol.tensor_codec": BASE,
+    "torchrpc.protocol.sparse": BASE,
     "torchrpc.futures": BASE,
     "torchrpc.functions": BASE,
     # 1 protocol (sans-I/O)

@@ -503,11 +503,13 @@ def test_propagate_gradients_malformed():
         m.decode([struct.pack("<BQqQQQQ", m.MessageType.BACKWARD_AUTOGRAD_REQ, 1, 2, 3, 4, 5, 6), b""])
 
 
-def test_gradients_may_only_be_dense_cpu_tensors_of_known_dtypes():
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+def test_gradients_may_only_be_dense_or_sparse_coo_cpu_tensors_of_known_dtypes():
     with pytest.raises(TypeError):
         m.PropagateGradients(1, 2, 3, [4], [torch.zeros(2, dtype=torch.uint16)]).encode()
     with pytest.raises(TypeError):
-        m.PropagateGradients(1, 2, 3, 4, [torch.zeros(2).to_sparse()]).encode()
+        m.PropagateGradients(1, 2, 3, [4], [torch.eye(2).to_sparse_csr()]).encode()
+    m.PropagateGradients(1, 2, 3, [4], [torch.zeros(2).to_sparse()]).encode()  # see test_sparse.py
 
 
 def test_cleanup_and_rref_backward_malformed():
@@ -592,4 +594,4 @@ def test_a_packed_run_that_does_not_fit_its_buffer_is_a_protocol_error():
     with pytest.raises(ProtocolError, match="run of 3 tensors .* does not fit its 44-byte buffer"):
         tc.decode_tensors([buffers[0], bytes(44)])
     with pytest.raises(ProtocolError, match="bad tensor metadata"):  # an unknown kind
-        tc.decode_tensors([struct.pack("<BBB", 3, 0, 0), b""])
+        tc.decode_tensors([struct.pack("<BBB", 4, 0, 0), b""])

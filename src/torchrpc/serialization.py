@@ -4,7 +4,9 @@
 ``PickleBuffer`` over its own memory (no copy when it is contiguous), which
 pickle hands to ``buffer_callback`` instead of writing it into the stream; the
 transport then sends those buffers as they are. ``loads`` rebuilds each tensor
-on the received buffer, which becomes the tensor's storage.
+on the received buffer, which becomes the tensor's storage. A sparse COO tensor
+travels as its indices and values tensors (so out of band too), and is checked
+when rebuilt.
 
 Types that need the RPC machinery to travel (``RRef``) register a reducer with
 :func:`register_reducer`; during ``dumps``/``loads`` they find the agent's
@@ -22,6 +24,7 @@ import torch
 
 from .errors import SerializationError
 from .protocol.messages import Payload
+from .protocol import sparse
 from .protocol.tensor_codec import raw_buffer, tensor_from_buffer
 
 _tls = threading.local()
@@ -95,6 +98,8 @@ def _describe(obj: Any) -> str:
 
 
 def _reduce_tensor(t: torch.Tensor) -> tuple:
+    if sparse.is_sparse_coo(t):
+        return _reduce_sparse(t)
     if t.layout is not torch.strided or t.device.type != "cpu" or t.is_quantized:
         return t.__reduce_ex__(2)
     strides = None
@@ -147,6 +152,30 @@ def _rebuild_parameter(buf: Any, dtype: torch.dtype, shape: tuple, requires_grad
     if requires_grad and session is not None:
         return session.on_recv_tensor(p)
     return p
+
+
+def _reduce_sparse(t: torch.Tensor) -> tuple:
+    """A sparse COO tensor as its indices and values (pickled as dense tensors: out of band),
+    its size and coalesced flag; recorded in the session like a dense one if it requires grad."""
+    session = getattr(_tls, "session", None)
+    if session is not None and t.requires_grad:
+        session.on_send_tensor(t)
+    indices, values, size, coalesced = sparse.parts(t)
+    return _rebuild_sparse, (indices, values, size, coalesced, t.requires_grad,
+                             isinstance(t, torch.nn.Parameter))
+
+
+def _rebuild_sparse(indices: Any, values: Any, size: tuple, coalesced: bool, requires_grad: bool,
+                    parameter: bool = False) -> torch.Tensor:
+    t = sparse.build(indices, values, size, coalesced)  # ValueError if the parts do not fit
+    if parameter:
+        t = torch.nn.Parameter(t, requires_grad=bool(requires_grad))
+    elif requires_grad:
+        t.requires_grad_(True)
+    session = getattr(_tls, "session", None)
+    if requires_grad and session is not None:
+        t = session.on_recv_tensor(t)
+    return t
 
 
 register_reducer(torch.Tensor, _reduce_tensor)

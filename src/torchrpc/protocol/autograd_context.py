@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 
 from ..errors import RPCError
-from .autograd_engine import Edge, LocalBackward, edge_of, walk
+from .autograd_engine import Edge, LocalBackward, add_grads, edge_of, walk
 
 _tls = threading.local()
 
@@ -169,7 +169,7 @@ class DistAutogradContext:
             for tensor, grad in grads:
                 prev = self.grads.get(tensor)
                 if prev is not None:
-                    self.grads[tensor] = prev + grad
+                    self.grads[tensor] = add_grads(prev, grad)
                 elif grad.layout is not torch.strided:
                     self.grads[tensor] = grad.clone() if ptrs[_memory_of(grad)] > 1 else grad
                 elif ptrs[_memory_of(grad)] > 1 or not grad.is_contiguous():
@@ -200,7 +200,7 @@ class DistAutogradContext:
             tensors = list(self.grads.values())
             for ex in list(self.sends.values()) + list(self.recvs.values()):
                 tensors.extend(ex.tensors)
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(_nbytes(t) for t in tensors)
 
     def clear(self) -> None:
         with self.lock:
@@ -211,6 +211,13 @@ class DistAutogradContext:
             self.passes.clear()
             self._send_reach.clear()
             self.direct_deliveries.clear()
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds: a sparse one, those of its indices and values."""
+    if t.layout is torch.sparse_coo:
+        return _nbytes(t._indices()) + _nbytes(t._values())
+    return t.numel() * t.element_size()
 
 
 def _memory_of(t: torch.Tensor) -> Any:

@@ -47,7 +47,17 @@ def engine_grad(outputs: list[GradientEdge], inputs: list[GradientEdge], grads: 
                                 accumulate_grad=False)
 
 
+_NO_INDEX = torch.empty(0, dtype=torch.long)
+
+
 def edge_of(t: torch.Tensor) -> Edge:
+    """The gradient edge of ``t``: its grad_fn's output, or a leaf's gradient accumulator."""
+    if t.grad_fn is None and t.layout is not torch.strided and t.requires_grad:
+        # torch finds a leaf's accumulator through view_as, which sparse tensors lack:
+        # any op on the leaf names it (an empty index_select costs nothing at any nnz)
+        with torch.enable_grad():
+            out = t.index_select(0, _NO_INDEX) if t.dim() else t.clone()
+        return (out.grad_fn.next_functions[0][0], 0)
     e = torch.autograd.graph.get_gradient_edge(t)
     return (e.node, e.output_nr)
 
@@ -99,6 +109,14 @@ def _add(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[torch
         return b
     if b is None:
         return a
+    return add_grads(a, b)
+
+
+def add_grads(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a + b`` for gradients of any layouts: torch adds a sparse tensor to a dense one but
+    not the other way round, so a sparse ``a`` and a dense ``b`` add as ``b + a`` (dense)."""
+    if a.layout is not torch.strided and b.layout is torch.strided:
+        return b + a
     return a + b
 
 

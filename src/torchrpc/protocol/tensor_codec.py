@@ -1,7 +1,8 @@
 """Tensors as plain buffers: a metadata buffer (dtype, shape) and one data buffer each.
 
 Used for the tensors of control messages (gradients), which are decoded without
-pickle, and by the serializer for the out-of-band buffers of user payloads.
+pickle, and by the serializer for the out-of-band buffers of user payloads. A sparse
+COO tensor travels as its indices and values, two dense tensors (see ``sparse.py``).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy
 import torch
 
 from ..errors import ProtocolError
+from . import sparse
 
 DTYPES: tuple[torch.dtype, ...] = (
     torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64, torch.complex128,
@@ -63,29 +65,34 @@ def tensor_from_buffer(buf: Any, dtype: torch.dtype, shape: Sequence[int]) -> to
 #: keep a buffer of their own and travel without a copy.
 PACK_BELOW = 64 << 10
 _ITEMSIZE = tuple(dt.itemsize for dt in DTYPES)
-_NONE, _OWN, _PACKED = 0, 1, 2
+_NONE, _OWN, _PACKED, _SPARSE = 0, 1, 2, 3
+#: after a sparse head's shape: u8 sparse_dim, u8 flags (bit 0: coalesced)
+_SPARSE_TAIL = struct.Struct("<BB")
 
 
 def encode_tensors(tensors: Sequence[Optional[torch.Tensor]]) -> list:
-    """The buffers for a list of dense CPU tensors (None allowed): metadata, then data.
+    """The buffers for a list of CPU tensors, dense or sparse COO (None allowed): metadata, then data.
 
     Metadata per tensor: ``u8 kind`` (0 None, 1 a buffer of its own, 2 packed with the tensors
-    of the same dtype and shape around it: see ``PACK_BELOW``), ``u8 dtype code``, ``u8 ndim``,
-    ``ndim x u64`` shape; then one data buffer per own tensor and per run of packed ones, in order."""
+    of the same dtype and shape around it: see ``PACK_BELOW``, 3 sparse COO), ``u8 dtype code``,
+    ``u8 ndim``, ``ndim x u64`` shape; a sparse head goes on with ``u8 sparse_dim, u8 flags``
+    (bit 0: coalesced) and is followed by the heads of its indices and values, two dense
+    tensors like any other (sparse heads do not break runs of packed tensors). Then one data
+    buffer per own tensor and per run of packed ones, in order."""
     meta = bytearray()
     data = []
     run: list[torch.Tensor] = []
     run_key: Any = None
-    for t in tensors:
+
+    def put(t: Optional[torch.Tensor]) -> None:
+        nonlocal run, run_key
         if t is None:
-            meta += _HEAD.pack(_NONE, 0, 0)
+            meta.extend(_HEAD.pack(_NONE, 0, 0))
             key = None
         else:
-            if t.layout is not torch.strided or t.device.type != "cpu" or t.dtype not in _CODE:
-                raise TypeError(f"cannot send a {t.layout} {t.dtype} tensor on {t.device} as a gradient")
             small = t.numel() * t.element_size() < PACK_BELOW
-            meta += _HEAD.pack(_PACKED if small else _OWN, _CODE[t.dtype], t.dim())
-            meta += struct.pack(f"<{t.dim()}Q", *t.shape)
+            meta.extend(_HEAD.pack(_PACKED if small else _OWN, _CODE[t.dtype], t.dim()))
+            meta.extend(struct.pack(f"<{t.dim()}Q", *t.shape))
             key = (t.dtype, t.shape) if small else None
         if run and key != run_key:
             data.append(_packed(run))
@@ -95,6 +102,21 @@ def encode_tensors(tensors: Sequence[Optional[torch.Tensor]]) -> list:
             run_key = key
         elif t is not None:
             data.append(raw_buffer(t))
+
+    for t in tensors:
+        if t is None:
+            put(None)
+        elif t.layout is torch.sparse_coo and t.device.type == "cpu" and t.dtype in _CODE:
+            sp = sparse.parts(t)
+            meta.extend(_HEAD.pack(_SPARSE, _CODE[t.dtype], t.dim()))
+            meta.extend(struct.pack(f"<{t.dim()}Q", *t.shape))
+            meta.extend(_SPARSE_TAIL.pack(t.sparse_dim(), 1 if sp.coalesced else 0))
+            put(sp.indices)
+            put(sp.values)
+        elif t.layout is not torch.strided or t.device.type != "cpu" or t.dtype not in _CODE:
+            raise TypeError(f"cannot send a {t.layout} {t.dtype} tensor on {t.device} as a gradient")
+        else:
+            put(t)
     if run:
         data.append(_packed(run))
     return [bytes(meta), *data]
@@ -111,22 +133,71 @@ def decode_tensors(buffers: Sequence[Any]) -> list[Optional[torch.Tensor]]:
     """Inverse of :func:`encode_tensors`; raises ProtocolError on anything inconsistent."""
     if not buffers:
         raise ProtocolError("tensor list is missing its metadata buffer")
-    meta = memoryview(buffers[0]).cast("B")
-    heads: list[Any] = []  # (kind, code, shape) per tensor
+    heads, slots = _read_metadata(memoryview(buffers[0]).cast("B"))
+    dense = _decode_dense(heads, buffers[1:])
+    out: list[Optional[torch.Tensor]] = []
+    for slot in slots:
+        if isinstance(slot, int):
+            out.append(dense[slot])
+            continue
+        size, coalesced, at = slot
+        try:
+            out.append(sparse.build(dense[at], dense[at + 1], size, coalesced))
+        except ValueError as e:
+            raise ProtocolError(f"bad sparse tensor: {e}") from None
+    return out
+
+
+def _read_head(meta: memoryview, pos: int) -> tuple[Any, int]:
+    """One head at ``pos``: None or (kind, dtype code, shape); and the position after it."""
+    if pos + _HEAD.size > len(meta):
+        raise ProtocolError("truncated tensor metadata")
+    kind, code, ndim = _HEAD.unpack_from(meta, pos)
+    pos += _HEAD.size
+    if kind == _NONE:
+        return None, pos
+    if kind > _SPARSE or code >= len(DTYPES) or ndim > _MAX_NDIM or pos + 8 * ndim > len(meta):
+        raise ProtocolError(f"bad tensor metadata (kind {kind}, dtype code {code}, ndim {ndim})")
+    return (kind, code, struct.unpack_from(f"<{ndim}Q", meta, pos)), pos + 8 * ndim
+
+
+def _read_metadata(meta: memoryview) -> tuple[list[Any], list[Any]]:
+    """The dense heads, in order (a sparse tensor's indices and values among them), and one slot
+    per tensor: the index of its dense head, or (size, coalesced, index of its indices' head) for
+    a sparse one. Checks that the sparse parts' heads fit their tensor."""
+    heads: list[Any] = []
+    slots: list[Any] = []
     pos = 0
     while pos < len(meta):
-        if pos + _HEAD.size > len(meta):
-            raise ProtocolError("truncated tensor metadata")
-        kind, code, ndim = _HEAD.unpack_from(meta, pos)
-        pos += _HEAD.size
-        if kind == _NONE:
-            heads.append(None)
+        head, pos = _read_head(meta, pos)
+        if head is None or head[0] != _SPARSE:
+            slots.append(len(heads))
+            heads.append(head)
             continue
-        if kind > _PACKED or code >= len(DTYPES) or ndim > _MAX_NDIM or pos + 8 * ndim > len(meta):
-            raise ProtocolError(f"bad tensor metadata (kind {kind}, dtype code {code}, ndim {ndim})")
-        heads.append((kind, code, struct.unpack_from(f"<{ndim}Q", meta, pos)))
-        pos += 8 * ndim
-    data = buffers[1:]
+        _, code, size = head
+        if pos + _SPARSE_TAIL.size > len(meta):
+            raise ProtocolError("truncated sparse tensor metadata")
+        sparse_dim, flags = _SPARSE_TAIL.unpack_from(meta, pos)
+        pos += _SPARSE_TAIL.size
+        if flags > 1:
+            raise ProtocolError(f"bad sparse tensor flags {flags}")
+        idx, pos = _read_head(meta, pos) if pos < len(meta) else (None, pos)
+        val, pos = _read_head(meta, pos) if pos < len(meta) else (None, pos)
+        if idx is None or val is None or idx[0] == _SPARSE or val[0] == _SPARSE:
+            raise ProtocolError("a sparse tensor's head must be followed by those of its indices and values")
+        if val[1] != code:
+            raise ProtocolError(f"sparse tensor of {DTYPES[code]} with values of {DTYPES[val[1]]}")
+        try:
+            sparse.check_shapes(idx[2], DTYPES[idx[1]], val[2], size, sparse_dim)
+        except ValueError as e:
+            raise ProtocolError(f"bad sparse tensor: {e}") from None
+        slots.append((size, bool(flags), len(heads)))
+        heads += [idx, val]
+    return heads, slots
+
+
+def _decode_dense(heads: list[Any], data: Sequence[Any]) -> list[Optional[torch.Tensor]]:
+    """The dense tensors of ``heads`` (None or (kind, code, shape)) from their data buffers."""
     out: list[Optional[torch.Tensor]] = []
     used = i = 0
     while i < len(heads):
