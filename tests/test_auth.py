@@ -87,16 +87,47 @@ def test_nothing_is_decoded_before_authentication(tmp_path):
         t.join(5)
 
 
-def test_mac_depends_on_secret_role_and_both_nonces():
+def test_proof_depends_on_secret_role_both_nonces_and_both_identities():
     a, b = auth.new_nonce(), auth.new_nonce()
-    base = auth.mac(b"k", b"acceptor", a, b)
+    t = auth.transcript(a, b, b"worker1", b"worker0")
+    base = auth.proof(b"k", b"acceptor", t)
     assert len(base) == 32
-    assert base != auth.mac(b"k2", b"acceptor", a, b)
-    assert base != auth.mac(b"k", b"connector", a, b)
-    assert base != auth.mac(b"k", b"acceptor", b, a)
-    auth.check(b"k", b"acceptor", a, b, base, "peer")
+    others = [
+        auth.proof(b"k2", b"acceptor", t),
+        auth.proof(b"k", b"connector", t),
+        auth.proof(b"k", b"acceptor", auth.transcript(b, a, b"worker1", b"worker0")),
+        auth.proof(b"k", b"acceptor", auth.transcript(a, b, b"worker2", b"worker0")),  # another claimed identity
+        auth.proof(b"k", b"acceptor", auth.transcript(a, b, b"worker0", b"worker1")),  # roles' identities swapped
+        auth.proof(b"k", b"acceptor", auth.transcript(a, b, b"worker1w", b"orker0")),  # same bytes, other split
+        auth.proof(b"k", b"acceptor", t, b"extra"),
+    ]
+    assert base not in others and len(set(others)) == len(others)
+    auth.check(b"k", b"acceptor", t, base, "peer")
     with pytest.raises(auth.AuthenticationError):
-        auth.check(b"k", b"acceptor", a, b, base[:-1] + bytes([base[-1] ^ 1]), "peer")
+        auth.check(b"k", b"acceptor", t, base[:-1] + bytes([base[-1] ^ 1]), "peer")
+
+
+def test_frame_tags_depend_on_key_sequence_and_every_byte():
+    key = b"x" * 32
+    for size in (10, auth.LARGE_FRAME + 10):  # BLAKE2b and Poly1305
+        data = bytes(range(256)) * (size // 256 + 1)
+        data = data[:size]
+
+        def tag(k=key, seq=0, d=data):
+            m = auth.FrameMac(k)
+            m.seq = seq
+            h = m.start(len(d))
+            h.update(d)
+            return h.digest()
+
+        t = tag()
+        assert len(t) == auth.TAG_BYTES and t == tag()
+        assert t != tag(k=b"y" * 32) and t != tag(seq=1)
+        flipped = bytearray(data)
+        flipped[len(data) // 2] ^= 1
+        assert t != tag(d=bytes(flipped))
+    m = auth.FrameMac(key)
+    assert [m.start(1) and m.seq for _ in range(3)] == [1, 2, 3]
 
 
 def _with_secrets(rank, world_size, secrets):

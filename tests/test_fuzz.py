@@ -92,7 +92,7 @@ from torchrpc.errors import ProtocolError
 from torchrpc.protocol import messages as m
 from torchrpc.protocol.tensor_codec import DTYPES
 from torchrpc.rref import _rebuild_rref
-from torchrpc.transport import shm, tcp
+from torchrpc.transport import handshake, shm, tcp
 from torchrpc.transport.base import ConnectionClosed
 
 pytestmark = pytest.mark.timeout(150)
@@ -109,7 +109,7 @@ MIB = 1 << 20
 N_MAIN = 6000      # on worker0's own connection to worker1
 N_PHANTOM = 9000   # on worker3's (the phantom's) connection, reconnecting when dropped
 N_HEADERS = 200    # oversized transport headers on the phantom's connection (each drops it)
-N_PRE_HELLO = 1000 # new authenticated connections whose first frame is not a valid HELLO
+N_PRE_HELLO = 1000 # new authenticated connections whose identity (HELLO) is not valid
 N_UNAUTH = 60      # connections that fail the transport handshake
 BATCH = 25         # cases between two syncs
 
@@ -213,6 +213,14 @@ def _overflowing_gradient_frame(msg_id=7, context_id=1, pass_id=1, ag_id=1) -> l
     return [head, ids, meta, b""]
 
 
+def _as_identity(frame) -> bytes:
+    """A frame packed as a handshake identity (what ``Hello.identity`` makes of a HELLO), cut to
+    the handshake's limit: anything else is a malformed identity."""
+    bufs = [_b(b) for b in frame]
+    data = struct.pack(f"<I{len(bufs)}I", len(bufs), *map(len, bufs)) + b"".join(bufs)
+    return data[:handshake.MAX_IDENTITY]
+
+
 class RawPeer:
     """An authenticated raw connection to a worker.
 
@@ -242,9 +250,10 @@ class RawPeer:
 
     @classmethod
     def connect(cls, address, hello=None, label="", secret=SECRET.encode()):
-        conn = transport.connect(address, timeout=10, secret=secret)
-        if hello is not None:
-            conn.send(hello)
+        """Connect presenting the frame ``hello`` as this side's identity (as a worker presents
+        its HELLO in the handshake; none: an empty identity)."""
+        identity = _as_identity(hello) if hello is not None else b""
+        conn = transport.connect(address, timeout=10, secret=secret, identity=identity)
         return cls(conn, label, heartbeat=hello is not None)
 
     def _heartbeat(self):
@@ -908,7 +917,7 @@ def _attacker(inited, bystander_ready, fuzz_done, checks_done):
         stats["phantom_drops"] = dict(drops)
         stats["phantom_replies"] = dict(received)
 
-        # --- 3. new connections whose first frame is not a valid HELLO ------------------
+        # --- 3. new connections whose identity (the HELLO in the handshake) is not valid ---
         address = phantom.addresses[1]
         not_closed = []
         n_pre = 0
@@ -917,18 +926,14 @@ def _attacker(inited, bystander_ready, fuzz_done, checks_done):
             if not _decodes_cleanly(fr):
                 stats["kinds"]["skipped (decode bug)"] += 1
                 continue  # test_bug_malformed_first_frame_kills_the_acceptor
-            rp = RawPeer.connect(address, label="pre-hello")
-            if fr:
-                rp.send(fr)
-            else:
-                rp.send_raw(struct.pack("<I", 0))
+            rp = RawPeer.connect(address, fr, label="pre-hello")
             if not rp.closed.wait(5):
                 not_closed.append(kind)
             rp.close()
             n_pre += 1
             stats["kinds"]["first-frame:" + kind.split(":")[0]] += 1
         stats["cases"]["pre_hello"] = n_pre
-        assert not not_closed, f"worker1 kept connections whose first frame was {not_closed[:10]}"
+        assert not not_closed, f"worker1 kept connections whose identity was {not_closed[:10]}"
 
         # --- 4. connections that fail the handshake --------------------------------------
         host, port = tcp._parse(address.partition("://")[2])

@@ -78,7 +78,8 @@ def _cut_link(rank, world_size, hosts, ready, cut):
     # worker0 and worker2 on host a, worker1 on host b
     host = 1 if rank == 1 else 0
     enter_netns(hosts["ns"][host])
-    os.environ.update(MASTER_ADDR=hosts["addr"][0], TORCHRPC_ADDR=hosts["addr"][host], TORCHRPC_SHM="0")
+    os.environ.update(MASTER_ADDR=hosts["addr"][0], TORCHRPC_ADDR=hosts["addr"][host], TORCHRPC_SHM="0",
+                      TORCHRPC_SECRET="cut-link-test")  # across hosts a job needs a secret
     init(rank, world_size, rpc_timeout=60)
     out = {"before": rpc.rpc_sync(f"worker{(rank + 1) % world_size}", whoami)}
     if rank == 0:

@@ -81,12 +81,13 @@ def _read_n(sock, n):
 
 
 def client_handshake(sock):
-    """Do the connector's side of the transport handshake by hand (no secret, no shared memory)."""
-    hello, nonce = b"torchrpc-tcp/2", bytes(32)
-    sock.sendall(struct.pack("<I2Q", 2, len(hello), len(nonce)) + hello + nonce)
-    _read_n(sock, 4 + 16 + 32)  # [nonce_s, empty mac]
+    """Do the connector's side of the transport handshake by hand (no secret, no shared memory,
+    empty identities: the listener fixture has none)."""
+    hello, nonce = b"torchrpc-tcp/3", bytes(32)
+    sock.sendall(struct.pack("<I3Q", 3, len(hello), len(nonce), 0) + hello + nonce)
+    _read_n(sock, 4 + 24 + 32)  # [nonce_s, empty identity, empty proof]
     sock.sendall(struct.pack("<I3Q", 3, 0, 0, 0))  # [empty proof, no probe]
-    assert _read_n(sock, 4 + 8 + 3)[-3:] == b"tcp"
+    assert _read_n(sock, 4 + 16 + 3)[-3:] == b"tcp"  # [answer, empty proof]
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from . import job_secret
 from . import rendezvous as rdzv
 from .services.autograd import DistAutograd
 from .errors import ProtocolError, RPCError, RPCTimeoutError, WorkerUnavailableError
@@ -49,10 +50,19 @@ from .worker_info import WorkerInfo
 log = logging.getLogger("torchrpc")
 
 
+class _Relayed(Exception):
+    """The worker that answered proved it listens at ``address``, not where we connected."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__(address)
+        self.address = address
+
+
 class Agent:
     """One worker's RPC machinery. Create with :meth:`start`; end with :meth:`shutdown`."""
 
-    def __init__(self, name: str, rank: int, world_size: int, options: RpcBackendOptions, rv: rdzv.Rendezvous):
+    def __init__(self, name: str, rank: int, world_size: int, options: RpcBackendOptions, rv: rdzv.Rendezvous,
+                 secret_source: Optional[job_secret.SecretSource] = None):
         self.name = name
         self.rank = rank
         self.world_size = world_size
@@ -63,6 +73,8 @@ class Agent:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._listener: Any = None
+        self._secret_source = secret_source or job_secret.choose(options, rv.master_host)
+        self._identity = b""
         faults = getattr(options, "_faults", None)
         self._faults = Faults(faults) if faults else None
 
@@ -95,13 +107,16 @@ class Agent:
         """Listen, publish our address, learn everyone's, and connect to every peer."""
         timeout = self.rpc_timeout or 300.0
         try:
-            secret = rdzv.job_secret(self._rv.store, self.rank, getattr(self.options, "secret", None))
+            secret = self._secret_source.obtain(self._rv.store, self.rank)
             opts = self.options
             tls = (TLSConfig(opts.tls_certfile, opts.tls_keyfile, opts.tls_cafile)
                    if getattr(opts, "tls_certfile", None) else None)
             extra = {"tls": tls} if tls else {}
             self._listener = listen(f"{'tls' if tls else 'tcp'}://{rdzv.listen_host(self._rv.master_host)}:0",
                                     secret, **extra)
+            # who we are, as every handshake proves it: a relay cannot present us as anyone else
+            self._identity = self._listener.identity = m.Hello(0, self.rank, self.name,
+                                                               self._listener.address).identity()
             self._add_connection(self.rank, LoopbackConnection(self.name))
             self._spawn(self.watchdog.run, "watchdog", self._stop)
             self._spawn(self.readers.monitor, "monitor", self._stop)
@@ -111,12 +126,7 @@ class Agent:
             infos = rdzv.gather(self._rv.store, self.world_size, timeout)
             self.peers.set_workers([i["name"] for i in infos])
             for peer in range(self.rank):
-                try:
-                    conn = connect(infos[peer]["address"], timeout, secret, **extra)
-                except ConnectionClosed as e:
-                    raise RPCError(f"cannot connect to worker {infos[peer]['name']!r}: {e}") from e
-                conn.send(m.Hello(0, self.rank, self.name).encode())
-                self._add_connection(peer, conn)
+                self._add_connection(peer, self._connect_to(peer, infos[peer], timeout, secret, extra))
             self.peers.wait_connected(timeout)
             # Start-up ends with a barrier, as torch's does: no worker returns before every worker
             # has all its connections, so one that finishes its work and leaves at once cannot
@@ -125,6 +135,7 @@ class Agent:
                                 self.is_alive)
             if gone:
                 raise RPCError(f"worker(s) {[self.peers.name_of(r) for r in gone]} lost during start-up")
+            self._secret_source.forget()  # everyone has it now
         except BaseException:
             self._close(graceful=False)
             raise
@@ -135,17 +146,46 @@ class Agent:
         t.start()
         return t
 
+    def _connect_to(self, peer: int, info: dict, timeout: float, secret: Optional[bytes], extra: dict) -> Connection:
+        """Connect to ``peer`` at the address the store gave. If the worker that answers proves
+        (in the handshake) that it is ``peer`` but listens elsewhere, something between us
+        relays (the store's address was rewritten): connect to the proven address instead."""
+        address, name = info["address"], info["name"]
+
+        def expect(identity: bytes) -> None:
+            hello = m.Hello.from_identity(identity)
+            if hello.worker_id != peer or hello.name != name:
+                raise ProtocolError(f"the worker at {address} is {hello.name!r} (id {hello.worker_id}), not {name!r} "
+                                    f"(id {peer}): the rendezvous store's address is wrong")
+            if hello.address != address:
+                raise _Relayed(hello.address)
+
+        try:
+            try:
+                return connect(address, timeout, secret, identity=self._identity, check_peer=expect, **extra)
+            except _Relayed as r:
+                if secret is None:
+                    raise ProtocolError(f"worker {name!r} claims to listen at {r.address}, not at {address}; "
+                                        "without a secret that claim proves nothing") from None
+                log.warning("torchrpc %s: the store gives %s as worker %r's address, but that worker proved it "
+                            "listens at %s: something relays between (was the store rewritten?); connecting to "
+                            "the proven address", self.name, address, name, r.address)
+                address = r.address
+                return connect(address, timeout, secret, identity=self._identity, check_peer=expect, **extra)
+        except ConnectionClosed as e:
+            raise RPCError(f"cannot connect to worker {name!r}: {e}") from e
+        except _Relayed as r:
+            raise RPCError(f"worker {name!r} answered at {address} but claims {r.address}") from None
+
     def _accept_loop(self) -> None:
-        """Take the connections of higher-ranked workers: each must start with its HELLO."""
+        """Take the connections of higher-ranked workers, each as the worker its handshake proved."""
         while True:
             try:
                 conn = self._listener.accept()
             except ConnectionClosed:
                 return
             try:
-                hello = m.decode(conn.recv())
-                if not isinstance(hello, m.Hello):
-                    raise ProtocolError(f"expected HELLO, got {type(hello).__name__}")
+                hello = m.Hello.from_identity(conn.peer_identity)
                 peer = hello.worker_id
                 self.peers.wait_workers(60)  # the mesh is only built after every address is known
                 workers = self.peers.workers
@@ -301,6 +341,7 @@ class Agent:
             self.ctx.detach_all()
         if self._listener is not None:
             self._listener.close()
+        self._secret_source.forget()
         for conn in self.peers.close():
             conn.close()
         self._stop.set()

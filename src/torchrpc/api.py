@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from . import current
+from . import job_secret
 from . import rendezvous as rdzv
 from .agent import Agent
 from .errors import RPCError
@@ -52,8 +53,10 @@ def init_rpc(
         if current.get_agent_or_none() is not None:
             raise RPCError("RPC is already initialized on this process; call shutdown() first")
         _freeze_gc_once()  # before the agent exists: its cycles must stay collectable after shutdown
+        # before the store: a job across hosts without a secret fails here, at once
+        source = job_secret.choose(options, rdzv.master_host(options.init_method))
         rv = rdzv.rendezvous(options.init_method, rank, world_size, options.rpc_timeout or 300.0)
-        agent = Agent(name, rv.rank, rv.world_size, options, rv)
+        agent = Agent(name, rv.rank, rv.world_size, options, rv, source)
         # current before start: peers that finish first may already call into us
         current.set_agent(agent)
         try:

@@ -36,8 +36,16 @@ class RpcBackendOptions:
             CUDA device where CUDA is unavailable is an error.
         _transports, _channels: TensorPipe tuning knobs, accepted and ignored.
         secret: bytes (or str) every connection between the job's workers must prove
-            knowledge of (HMAC challenge-response). Default: TORCHRPC_SECRET from the
-            environment, else a random secret rank 0 hands out through the store.
+            knowledge of (HMAC challenge-response; every later frame is authenticated with
+            keys derived from it). Default: TORCHRPC_SECRET, else the file named by
+            ``secret_file`` / TORCHRPC_SECRET_FILE; with none of these, a job on one host
+            uses a random secret in a file only this user can read (the store carries its
+            name, never the secret), and a job across hosts must set one (or TLS, or
+            ``insecure``): ``init_rpc`` fails at once otherwise.
+        secret_file: a file holding the secret (the same on every worker: a shared
+            filesystem, or one copied to each host). Default: TORCHRPC_SECRET_FILE.
+        insecure: no authentication at all, for networks where everyone who can reach a
+            worker's port is trusted (logs a warning). Default: TORCHRPC_INSECURE=1.
         tls_certfile, tls_keyfile, tls_cafile: run every connection over TLS (Python's ssl),
             each worker presenting this certificate and accepting peers signed by the CA.
             Default: TORCHRPC_TLS_CERT / TORCHRPC_TLS_KEY / TORCHRPC_TLS_CA, else no TLS.
@@ -54,6 +62,8 @@ class RpcBackendOptions:
         _transports: Optional[list] = None,
         _channels: Optional[list] = None,
         secret: Optional[bytes | str] = None,
+        secret_file: Optional[str] = None,
+        insecure: bool = False,
         _faults: Optional[dict] = None,
         tls_certfile: Optional[str] = None,
         tls_keyfile: Optional[str] = None,
@@ -79,6 +89,10 @@ class RpcBackendOptions:
         if secret is not None and not isinstance(secret, (bytes, str)):
             raise TypeError(f"secret must be bytes or str, got {type(secret).__name__}")
         self.secret: Optional[bytes] = secret.encode() if isinstance(secret, str) else secret
+        if secret is not None and not self.secret:
+            raise ValueError("secret must not be empty")
+        self.secret_file = secret_file
+        self.insecure = bool(insecure)
         #: fault injection for tests: see torchrpc.runtime.faults.Faults
         self._faults = _faults
         self.tls_certfile = tls_certfile or os.environ.get("TORCHRPC_TLS_CERT")

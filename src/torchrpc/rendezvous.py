@@ -9,7 +9,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import secrets
 import socket
 import time
 from dataclasses import dataclass
@@ -71,6 +70,16 @@ def rendezvous(init_method: str, rank: int, world_size: Optional[int], timeout: 
         store.set_timeout(td)
         return Rendezvous(store, rank, world_size, None)
     raise ValueError(f"unsupported init_method {init_method!r}: use env://, tcp://host:port or file://path")
+
+
+def master_host(init_method: str) -> Optional[str]:
+    """The host of the rendezvous ``init_method`` names (None for a file store, or unknown)."""
+    url = urlparse(init_method)
+    if url.scheme == "env":
+        return os.environ.get("MASTER_ADDR") or None
+    if url.scheme == "tcp":
+        return url.hostname
+    return None
 
 
 def _tcp_store(host: str, port: int, rank: int, world_size: int, timeout: timedelta) -> dist.Store:
@@ -148,19 +157,3 @@ def barrier(
         time.sleep(delay)
         delay = min(delay * 2, 0.02)
     return gone
-
-
-
-def job_secret(store: dist.Store, rank: int, given: Optional[bytes]) -> bytes:
-    """The secret every connection of this job must prove: ``given`` (the option), else
-    TORCHRPC_SECRET, else one rank 0 generates and hands out through the store."""
-    if given is not None:
-        return given
-    env = os.environ.get("TORCHRPC_SECRET")
-    if env:
-        return env.encode()
-    if rank == 0:
-        token = secrets.token_bytes(32)
-        store.set("auth/secret", token)
-        return token
-    return bytes(store.get("auth/secret"))

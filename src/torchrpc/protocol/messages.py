@@ -367,13 +367,42 @@ class RRefAck(Message):
 
 @dataclass(slots=True)
 class Hello(Message):
-    """The first frame on a new connection: who is connecting."""
+    """Who a side of a new connection is: its worker id, name and listening address. It
+    travels inside the transport handshake, as the identity that handshake authenticates
+    (see :meth:`identity`), not as a frame of its own."""
 
     TYPE = MessageType.HELLO
-    TEXTS = ("name",)
+    TEXTS = ("name", "address")
     msg_id: U64
     worker_id: U32
     name: str
+    address: str = ""
+
+    def identity(self) -> bytes:
+        """This message as one buffer: ``u32 count``, ``count`` × ``u32 length``, the buffers."""
+        frame = [bytes(b) for b in self.encode()]
+        return struct.pack(f"<I{len(frame)}I", len(frame), *map(len, frame)) + b"".join(frame)
+
+    @classmethod
+    def from_identity(cls, data: bytes) -> "Hello":
+        """Decode :meth:`identity`'s output; ProtocolError if it is not a well-formed Hello."""
+        try:
+            (count,) = struct.unpack_from("<I", data)
+            if count > 8:
+                raise ValueError(f"{count} buffers")
+            lengths = struct.unpack_from(f"<{count}I", data, 4)
+            at, frame = 4 + 4 * count, []
+            for n in lengths:
+                frame.append(data[at:at + n])
+                at += n
+            if at != len(data):
+                raise ValueError("its lengths do not add up")
+        except (struct.error, ValueError) as e:
+            raise ProtocolError(f"malformed identity: {e}") from None
+        msg = decode(frame)
+        if not isinstance(msg, cls):
+            raise ProtocolError(f"expected an identity (HELLO), got {type(msg).__name__}")
+        return msg
 
 
 @dataclass(slots=True)

@@ -1,37 +1,124 @@
-"""Mutual authentication of a new connection: HMAC challenge-response with a per-job secret.
+"""The cryptography of a connection: handshake proofs bound to identities, and frame tags.
 
-Each side sends a fresh random nonce and proves it knows the secret by an HMAC-SHA256
-over both nonces and its role; the acceptor speaks first, so a connector never
-reveals a MAC to an impostor listener that could replay it elsewhere. Until both
-proofs check out, only these fixed, size-capped frames are read: nothing is
-unpickled, nothing large is allocated.
+**Handshake.** Each side sends a fresh random nonce and an *identity* (opaque bytes the
+agent fills: its rank, name and listening address). Each proves it knows the job's
+secret by an HMAC-SHA256 over its role and the *transcript*: the protocol name, both
+nonces and both identities. A proof therefore cannot be replayed on another connection,
+reflected to its sender, or presented for another worker. The acceptor proves first, so
+a connector never reveals a proof to an impostor listener.
+
+**Frames.** The handshake also yields one key per direction. Every later frame carries
+a 16-byte tag over its sequence number and all its bytes (header and buffers, in wire
+order), so a relay that forwarded the handshake can neither inject, drop-and-replace,
+reorder, replay nor alter a frame. Small frames use keyed BLAKE2b (about half a
+microsecond); large ones Poly1305 under a one-time key derived from the frame's
+sequence number (about 4 GB/s here, against 0.8 for BLAKE2b), fed while the frame is
+sent and received.
+
+Without a secret (an explicit opt-out) every proof is empty and frames carry no tag.
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
 import secrets
-from typing import Optional
+import struct
+from typing import Optional, Protocol
+
+from cryptography.hazmat.primitives.poly1305 import Poly1305
 
 NONCE_BYTES = 32
+TAG_BYTES = 16
+#: Frames of at least this many bytes are tagged with Poly1305, smaller ones with BLAKE2b.
+LARGE_FRAME = 1 << 16
+PROTOCOL = b"torchrpc-tcp/3"
+
+_SEQ = struct.Struct("<Q")
 
 
 class AuthenticationError(ValueError):
-    """The peer did not prove knowledge of the job's secret."""
-
-
-def mac(secret: Optional[bytes], role: bytes, nonce_c: bytes, nonce_s: bytes) -> bytes:
-    if secret is None:
-        return b""
-    return hmac.new(secret, role + nonce_c + nonce_s, hashlib.sha256).digest()
+    """The peer did not prove knowledge of the job's secret, or a frame's tag is wrong."""
 
 
 def new_nonce() -> bytes:
     return secrets.token_bytes(NONCE_BYTES)
 
 
-def check(secret: Optional[bytes], role: bytes, nonce_c: bytes, nonce_s: bytes, got: bytes, who: str) -> None:
-    if len(nonce_c) != NONCE_BYTES or len(nonce_s) != NONCE_BYTES:
-        raise AuthenticationError(f"{who} sent a malformed challenge")
-    if not hmac.compare_digest(mac(secret, role, nonce_c, nonce_s), bytes(got)):
+def transcript(nonce_c: bytes, nonce_s: bytes, id_c: bytes, id_s: bytes) -> bytes:
+    """A digest of everything both sides said before proving: what every proof covers."""
+    h = hashlib.sha256(PROTOCOL)
+    for part in (nonce_c, nonce_s, id_c, id_s):
+        h.update(_SEQ.pack(len(part)))
+        h.update(part)
+    return h.digest()
+
+
+def proof(secret: Optional[bytes], role: bytes, transcript_: bytes, *extra: bytes) -> bytes:
+    """``role``'s proof of the secret over the transcript (and ``extra`` fields it adds)."""
+    if secret is None:
+        return b""
+    h = hmac.new(secret, role + transcript_, hashlib.sha256)
+    for part in extra:
+        h.update(_SEQ.pack(len(part)))
+        h.update(part)
+    return h.digest()
+
+
+def check(secret: Optional[bytes], role: bytes, transcript_: bytes, got: bytes, who: str, *extra: bytes) -> None:
+    """Raise :class:`AuthenticationError` unless ``got`` is ``role``'s proof."""
+    if not hmac.compare_digest(proof(secret, role, transcript_, *extra), bytes(got)):
         raise AuthenticationError(f"{who} failed authentication (wrong or missing secret)")
+
+
+def check_nonce(nonce: bytes, who: str) -> bytes:
+    if len(nonce) != NONCE_BYTES:
+        raise AuthenticationError(f"{who} sent a malformed challenge")
+    return bytes(nonce)
+
+
+class Hasher(Protocol):
+    def update(self, data: bytes | memoryview, /) -> None: ...
+    def digest(self) -> bytes: ...
+
+
+class _Poly:
+    __slots__ = ("_p",)
+
+    def __init__(self, key: bytes) -> None:
+        self._p = Poly1305(key)
+
+    def update(self, data: bytes | memoryview) -> None:
+        self._p.update(data)
+
+    def digest(self) -> bytes:
+        return self._p.finalize()
+
+
+class FrameMac:
+    """One direction's frame tags: ``start(n)`` the hasher of the next frame (n bytes long)."""
+
+    __slots__ = ("_small", "_one_time", "seq")
+
+    def __init__(self, key: bytes) -> None:
+        self._small = hashlib.blake2b(key=key, digest_size=TAG_BYTES, person=b"torchrpc-frame")
+        self._one_time = hashlib.blake2b(key=key, digest_size=32, person=b"torchrpc-poly")
+        self.seq = 0
+
+    def start(self, nbytes: int) -> Hasher:
+        seq = _SEQ.pack(self.seq)
+        self.seq += 1
+        if nbytes < LARGE_FRAME:
+            h = self._small.copy()
+            h.update(seq)
+            return h
+        k = self._one_time.copy()
+        k.update(seq)  # a fresh Poly1305 key per frame, as the one-time MAC requires
+        return _Poly(k.digest())
+
+
+def frame_keys(secret: Optional[bytes], transcript_: bytes) -> tuple[Optional[FrameMac], Optional[FrameMac]]:
+    """(connector→acceptor, acceptor→connector) frame tags of a connection; none without a secret."""
+    if secret is None:
+        return None, None
+    return (FrameMac(proof(secret, b"frames connector->acceptor", transcript_)),
+            FrameMac(proof(secret, b"frames acceptor->connector", transcript_)))

@@ -1,7 +1,8 @@
 """TCP transport: one socket per connection, frames with a length prefix.
 
 Frame layout: ``u32 count`` then ``count`` × ``u64 length`` (little-endian), then
-the buffers back to back. Sends gather all buffers in one ``sendmsg`` (no join,
+the buffers back to back, then (on an authenticated connection without TLS) the
+frame's 16-byte tag (:mod:`.auth`), checked before the frame is handed on. Sends gather all buffers in one ``sendmsg`` (no join,
 so tensor memory goes to the kernel straight from its storage); receives read
 each buffer into its own freshly allocated ``bytearray``, which the
 deserializer then uses as tensor storage.
@@ -9,6 +10,7 @@ deserializer then uses as tensor storage.
 from __future__ import annotations
 
 import collections
+import hmac
 import logging
 import select
 import socket
@@ -21,14 +23,13 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from . import auth, shm
-from .tls import TLSConfig
-from .base import Connection, ConnectionClosed, Listener, block_hook, register_scheme
+from .base import Connection, ConnectionClosed, block_hook
 
 log = logging.getLogger("torchrpc")
 
 
-class HandshakeError(ConnectionClosed):
-    """The peer failed authentication or the TLS handshake: not worth retrying."""
+class FrameAuthenticationError(ConnectionClosed):
+    """A frame's tag did not check out: someone on the path altered, injected or replayed it."""
 
 _COUNT = struct.Struct("<I")
 _IOV_MAX = 512
@@ -37,11 +38,13 @@ MAX_BUFFERS = 1 << 16
 MAX_FRAME_BYTES = 1 << 36
 #: In a length, this bit says the buffer is in shared memory: a descriptor travels instead.
 _SHM_BIT = 1 << 63
-_HANDSHAKE_TIMEOUT = 10.0
 _LAZY_BYTES = 1 << 20
 _RBUF_BYTES = 1 << 16
 #: Frames up to this size are joined into one bytes object and may be deferred.
 _SMALL_BYTES = 1 << 16
+#: A tagged large frame is hashed and sent in pieces of this size, so that the receiver
+#: hashes one piece while the sender hashes the next.
+_MAC_CHUNK = 1 << 18
 
 
 def _parse(hostport: str) -> tuple[str, int]:
@@ -83,6 +86,24 @@ class TCPConnection(Connection):
         self._shm_rx: Optional[shm.ShmReceiver] = None
         self._poller = select.poll()
         self._poller.register(sock.fileno(), select.POLLIN)
+        #: what the peer proved about itself in the handshake (the agent's identity bytes)
+        self.peer_identity = b""
+        #: frame tags, each way; None before the handshake, without a secret, and under TLS
+        self._tx_mac: Optional[auth.FrameMac] = None
+        self._rx_mac: Optional[auth.FrameMac] = None
+        self._tag_bytes = 0
+        #: while handshaking: when the whole handshake must be over
+        self._deadline: Optional[float] = None
+
+    def established(self, peer_identity: bytes, tx_mac: Optional[auth.FrameMac], rx_mac: Optional[auth.FrameMac],
+                    use_shm: bool) -> None:
+        """The handshake is over: from here on, frames are tagged and shared memory may be used."""
+        self.peer_identity = peer_identity
+        self._tx_mac, self._rx_mac = tx_mac, rx_mac
+        self._tag_bytes = auth.TAG_BYTES if rx_mac is not None else 0
+        self.frames_sent = self.bytes_sent = self.frames_received = self.bytes_received = 0
+        if use_shm:
+            self._shm_tx, self._shm_rx = shm.ShmSender(), shm.ShmReceiver()
 
     @property
     def uses_shm(self) -> bool:
@@ -143,26 +164,41 @@ class TCPConnection(Connection):
         try:
             if self._closed:
                 raise ConnectionClosed(f"connection to {self.peer} is closed")
-            if self._deferred:
-                views = [*self._take_deferred(), *views]
-            if not views:
+            mac = self._tx_mac
+            # tags are made here, under the lock, so that sequence numbers follow wire order
+            before = self._take_deferred() if self._deferred else []
+            if mac is not None:
+                before = [self._seal(d) for d in before]
+                if small and views:
+                    views = [self._seal(views[0])]
+            if not (views or before):
                 return
             try:
                 if small:
-                    data = views[0] if len(views) == 1 else b"".join(views)
+                    parts = [*before, *views]
+                    data = parts[0] if len(parts) == 1 else b"".join(parts)
                     if hook is not None:
                         data = self._send_nowait(data, hook)
                     if data:
                         self._sock.sendall(data)
                 elif isinstance(self._sock, ssl.SSLSocket):  # no sendmsg through TLS
-                    for v in views:
+                    for v in [*before, *views]:
                         self._sock.sendall(v)
+                elif mac is not None:
+                    if before:
+                        self._sock.sendall(b"".join(before))
+                    self._send_tagged([memoryview(v) for v in views], mac.start(sum(v.nbytes for v in views)))
                 else:
-                    self._sendmsg_all([memoryview(v) for v in views])
+                    self._sendmsg_all([memoryview(v) for v in [*before, *views]])
             except OSError as e:
                 raise ConnectionClosed(f"send to {self.peer} failed: {e}") from e
         finally:
             self._send_lock.release()
+
+    def _seal(self, data: bytes) -> bytes:
+        h = self._tx_mac.start(len(data))  # type: ignore[union-attr]
+        h.update(data)
+        return data + h.digest()
 
     def _send_nowait(self, data: bytes, hook: Callable[[], None]) -> memoryview | bytes:
         """Send what the socket takes without waiting; call ``hook`` if some is left (returned)."""
@@ -188,6 +224,22 @@ class TCPConnection(Connection):
                 wire.append(_SHM_BIT | len(desc))
         return out, wire
 
+    def _send_tagged(self, views: list[memoryview], h: auth.Hasher) -> None:
+        """Send a large frame and its tag: hash a piece, send it, hash the next, so that the
+        receiver checks one piece while this side hashes the next; the tag goes with the last."""
+        pieces = [v[i:i + _MAC_CHUNK] for v in views for i in range(0, v.nbytes, _MAC_CHUNK)]
+        batch: list[memoryview] = []
+        size = 0
+        for piece in pieces:
+            if size >= _MAC_CHUNK:
+                self._sendmsg_all(batch)
+                batch, size = [], 0
+            h.update(piece)
+            batch.append(piece)
+            size += piece.nbytes
+        batch.append(memoryview(h.digest()))
+        self._sendmsg_all(batch)
+
     def _sendmsg_all(self, views: list[memoryview]) -> None:
         sock = self._sock
         while views:
@@ -204,6 +256,11 @@ class TCPConnection(Connection):
     def _recv_some(self, view: memoryview, flags: int = 0) -> int:
         """One read from the socket into ``view``: bytes read (0 when ``MSG_DONTWAIT`` finds
         nothing). Raises ConnectionClosed at the end of the connection."""
+        if self._deadline is not None:  # handshaking: one deadline for all of it, not per read
+            left = self._deadline - time.monotonic()
+            if left <= 0:
+                raise ConnectionClosed(f"handshake with {self.peer} timed out")
+            self._sock.settimeout(left)
         try:
             n = self._sock.recv_into(view, 0, flags)
         except BlockingIOError:
@@ -229,20 +286,26 @@ class TCPConnection(Connection):
         self._r1 += n
         return n
 
-    def _read_exact(self, buf: memoryview) -> None:
+    def _read_exact(self, buf: memoryview, h: Optional[auth.Hasher] = None) -> None:
         """Fill ``buf``: from the receive buffer first, then straight from the socket when
-        what is missing is large, else through the buffer."""
+        what is missing is large, else through the buffer. ``h`` hashes what arrives, as
+        it arrives."""
         total, got = buf.nbytes, 0
         while True:
             take = min(self._r1 - self._r0, total - got)
             if take:
                 buf[got:got + take] = self._rview[self._r0:self._r0 + take]
                 self._r0 += take
+                if h is not None:
+                    h.update(buf[got:got + take])
                 got += take
             if got == total:
                 return
             if total - got >= _RBUF_BYTES // 2:
-                got += self._recv_some(buf[got:])
+                n = self._recv_some(buf[got:])
+                if h is not None:
+                    h.update(buf[got:got + n])
+                got += n
             else:
                 self._fill()
 
@@ -291,39 +354,45 @@ class TCPConnection(Connection):
         if avail < need:
             return False
         lengths = struct.unpack_from(f"<{count}Q", self._rbuf, self._r0 + 4)
-        return avail >= need + sum(n & ~_SHM_BIT for n in lengths)
+        return avail >= need + sum(n & ~_SHM_BIT for n in lengths) + self._tag_bytes
 
-    def _recv_shm(self, n: int) -> object:
-        if self._shm_rx is None or n != shm.DESCRIPTOR.size:
-            raise ConnectionClosed(f"unexpected shared-memory buffer from {self.peer}; closing")
-        desc = bytearray(n)
-        self._read_exact(memoryview(desc))
+    def _open_shm(self, desc: bytes) -> object:
         try:
-            return self._shm_rx.get(bytes(desc))
+            return self._shm_rx.get(desc)  # type: ignore[union-attr]
         except (OSError, ValueError) as e:
             raise ConnectionClosed(f"bad shared-memory buffer from {self.peer}: {e}; closing") from e
 
-    def recv_limited(self, max_bytes: int) -> list:
-        """Receive a frame during the handshake, refusing one bigger than ``max_bytes``."""
-        head = bytearray(4)
-        self._read_exact(memoryview(head))
-        (count,) = _COUNT.unpack(head)
-        if count > 8:
-            raise ConnectionClosed(f"handshake frame from {self.peer} claims {count} buffers")
-        lens_raw = bytearray(8 * count)
-        self._read_exact(memoryview(lens_raw))
-        lengths = struct.unpack(f"<{count}Q", lens_raw)
-        if sum(lengths) > max_bytes:
-            raise ConnectionClosed(f"handshake frame from {self.peer} is too large")
-        frame = []
-        for n in lengths:
-            b = bytearray(n)
-            self._read_exact(memoryview(b))
-            frame.append(b)
-        return frame
+    def recv_limited(self, max_buffers: int, max_bytes: int, deadline: float) -> list:
+        """Receive a handshake frame: at most ``max_buffers`` buffers and ``max_bytes`` bytes,
+        all of it before ``deadline`` (``time.monotonic()``)."""
+        self._deadline = deadline
+        try:
+            head = bytearray(4)
+            self._read_exact(memoryview(head))
+            (count,) = _COUNT.unpack(head)
+            if count > max_buffers:
+                raise ConnectionClosed(f"handshake frame from {self.peer} claims {count} buffers")
+            lens_raw = bytearray(8 * count)
+            self._read_exact(memoryview(lens_raw))
+            lengths = struct.unpack(f"<{count}Q", lens_raw)
+            if sum(lengths) > max_bytes:
+                raise ConnectionClosed(f"handshake frame from {self.peer} is too large")
+            frame = []
+            for n in lengths:
+                b = bytearray(n)
+                self._read_exact(memoryview(b))
+                frame.append(b)
+            return frame
+        finally:
+            self._deadline = None
+            try:
+                self._sock.settimeout(None)
+            except OSError:
+                pass
 
     def recv(self) -> list:
-        (count,) = _COUNT.unpack(self._take(4))
+        head = self._take(4)
+        (count,) = _COUNT.unpack(head)
         if count > MAX_BUFFERS:
             raise ConnectionClosed(f"frame from {self.peer} claims {count} buffers; closing")
         if 8 * count <= _RBUF_BYTES:
@@ -332,15 +401,27 @@ class TCPConnection(Connection):
             lens_raw = bytearray(8 * count)
             self._read_exact(memoryview(lens_raw))
         lengths = struct.unpack(f"<{count}Q", lens_raw)
-        if sum(n & ~_SHM_BIT for n in lengths) > MAX_FRAME_BYTES:
+        size = sum(n & ~_SHM_BIT for n in lengths)
+        if size > MAX_FRAME_BYTES:
             raise ConnectionClosed(f"frame from {self.peer} claims {sum(lengths)} bytes; closing")
-        frame = []
+        h = None
+        if self._rx_mac is not None:
+            h = self._rx_mac.start(4 + len(lens_raw) + size)
+            h.update(head)
+            h.update(lens_raw)
+        frame: list = []
+        in_shm = []
         for n in lengths:
             if n & _SHM_BIT:
-                frame.append(self._recv_shm(n & ~_SHM_BIT))
-                continue
+                if self._shm_rx is None or n & ~_SHM_BIT != shm.DESCRIPTOR.size:
+                    raise ConnectionClosed(f"unexpected shared-memory buffer from {self.peer}; closing")
+                in_shm.append(len(frame))
+                n &= ~_SHM_BIT
             if n <= self._r1 - self._r0:  # all here already: one copy out of the buffer
-                frame.append(self._take(n))
+                b = self._take(n)
+                if h is not None:
+                    h.update(b)
+                frame.append(b)
                 continue
             try:
                 # A large buffer comes from numpy.empty: its pages are only committed as the
@@ -349,8 +430,14 @@ class TCPConnection(Connection):
             except MemoryError:
                 raise ConnectionClosed(f"frame from {self.peer} needs {n} bytes, more than this process can "
                                        "allocate; closing") from None
-            self._read_exact(memoryview(b))
+            self._read_exact(memoryview(b), h)
             frame.append(b)
+        if h is not None and not hmac.compare_digest(h.digest(), bytes(self._take(auth.TAG_BYTES))):
+            log.warning("torchrpc: a frame from %s failed authentication (altered, injected or replayed on the "
+                        "way); closing the connection", self.peer)
+            raise FrameAuthenticationError(f"a frame from {self.peer} failed authentication; closing")
+        for i in in_shm:  # only once the tag checked out: a descriptor names memory to map
+            frame[i] = self._open_shm(bytes(frame[i]))
         self.frames_received += 1
         self.bytes_received += sum(lengths)
         return frame
@@ -374,150 +461,3 @@ class TCPConnection(Connection):
             self._shm_tx.close()
         if self._shm_rx is not None:
             self._shm_rx.close()
-
-
-class TCPListener(Listener):
-    def __init__(self, hostport: str, secret: Optional[bytes] = None, tls: Optional[TLSConfig] = None) -> None:
-        self._secret = secret
-        self._tls = tls.server_context() if tls is not None else None
-        host, port = _parse(hostport)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._sock = socket.socket(family, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((host, port))
-        self._sock.listen(128)
-        bound = self._sock.getsockname()
-        shown = f"[{host}]" if family == socket.AF_INET6 else host
-        self.address = f"{'tls' if tls is not None else 'tcp'}://{shown}:{bound[1]}"
-        self._closed = False
-
-    def accept(self) -> Connection:
-        while True:
-            try:
-                sock, addr = self._sock.accept()
-            except OSError as e:
-                raise ConnectionClosed(f"listener {self.address} closed") from e
-            if self._closed:
-                sock.close()
-                raise ConnectionClosed(f"listener {self.address} closed")
-            if self._tls is not None:
-                try:
-                    sock.settimeout(_HANDSHAKE_TIMEOUT)
-                    sock = self._tls.wrap_socket(sock, server_side=True)
-                except (OSError, ssl.SSLError) as e:
-                    log.warning("torchrpc: TLS handshake with %s failed: %s", addr, e)
-                    sock.close()
-                    continue
-            conn = TCPConnection(sock, f"tcp://{addr[0]}:{addr[1]}")
-            try:
-                _negotiate(conn, initiator=False, secret=self._secret)
-                return conn
-            except (ConnectionClosed, OSError, ValueError) as e:
-                log.warning("torchrpc: connection from %s failed the transport handshake: %s", conn.peer, e)
-                conn.close()
-
-    def close(self) -> None:
-        self._closed = True
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._sock.close()
-
-
-def _connect(hostport: str, timeout: float, secret: Optional[bytes] = None,
-             tls: Optional[TLSConfig] = None) -> Connection:
-    host, port = _parse(hostport)
-    ctx = tls.client_context() if tls is not None else None
-    deadline = time.monotonic() + timeout
-    delay = 0.01
-    while True:
-        try:
-            sock = socket.create_connection((host, port), timeout=max(0.1, deadline - time.monotonic()))
-            if ctx is not None:
-                try:
-                    sock = ctx.wrap_socket(sock)
-                except ssl.SSLError as e:
-                    sock.close()
-                    raise HandshakeError(f"TLS handshake with tls://{hostport} failed: {e}") from e
-            conn = TCPConnection(sock, f"tcp://{hostport}")
-            try:
-                _negotiate(conn, initiator=True, secret=secret)
-            except (OSError, ValueError) as e:
-                conn.close()
-                raise HandshakeError(f"handshake with tcp://{hostport} failed: {e}") from e
-            return conn
-        except HandshakeError:
-            raise  # a wrong secret or certificate does not get better by retrying
-        except OSError as e:
-            if time.monotonic() + delay >= deadline:
-                raise ConnectionClosed(f"could not connect to tcp://{hostport}: {e}") from e
-            time.sleep(delay)
-            delay = min(delay * 2, 0.5)
-
-
-def _tls_listener(hostport: str, secret: Optional[bytes] = None, tls: Optional[TLSConfig] = None) -> Listener:
-    if tls is None:
-        raise ValueError("a tls:// address needs a TLS configuration (certificate, key, CA)")
-    return TCPListener(hostport, secret, tls)
-
-
-def _tls_connect(hostport: str, timeout: float, secret: Optional[bytes] = None,
-                 tls: Optional[TLSConfig] = None) -> Connection:
-    if tls is None:
-        raise ValueError("a tls:// address needs a TLS configuration (certificate, key, CA)")
-    return _connect(hostport, timeout, secret, tls)
-
-
-register_scheme("tcp", TCPListener, _connect)
-register_scheme("tls", _tls_listener, _tls_connect)
-
-
-_HELLO = b"torchrpc-tcp/2"
-
-
-def _negotiate(conn: TCPConnection, initiator: bool, secret: Optional[bytes]) -> None:
-    """The transport handshake: mutual authentication (:mod:`.auth`), then the shared-memory
-    path, on only if both want it and the acceptor can open a probe segment the connector
-    made (then they share this host's memory). Frames are size-capped throughout."""
-    conn._sock.settimeout(_HANDSHAKE_TIMEOUT)
-    try:
-        if initiator:
-            nonce_c = auth.new_nonce()
-            conn.send([_HELLO, nonce_c])
-            reply = conn.recv_limited(128)
-            if len(reply) != 2:
-                raise auth.AuthenticationError(f"{conn.peer} answered the handshake with {len(reply)} buffers")
-            nonce_s = bytes(reply[0])
-            auth.check(secret, b"acceptor", nonce_c, nonce_s, reply[1], f"listener {conn.peer}")
-            tls = isinstance(conn._sock, ssl.SSLSocket)  # with TLS, all data stays inside TLS
-            probe = shm.make_probe() if shm.enabled() and not tls else None
-            try:
-                conn.send([auth.mac(secret, b"connector", nonce_c, nonce_s),
-                           probe[0].encode() if probe else b"", probe[1] if probe else b""])
-                answer = conn.recv_limited(64)
-            finally:
-                if probe:
-                    shm.remove_probe(probe[0])
-            use = answer == [b"shm"]
-        else:
-            hello = conn.recv_limited(64)
-            if len(hello) != 2 or bytes(hello[0]) != _HELLO:
-                raise ValueError("not a torchrpc connection")
-            nonce_c, nonce_s = bytes(hello[1]), auth.new_nonce()
-            if len(nonce_c) != auth.NONCE_BYTES:
-                raise auth.AuthenticationError("malformed challenge")
-            conn.send([nonce_s, auth.mac(secret, b"acceptor", nonce_c, nonce_s)])
-            proof = conn.recv_limited(256)
-            if len(proof) != 3:
-                raise auth.AuthenticationError(f"{conn.peer} sent a malformed proof")
-            auth.check(secret, b"connector", nonce_c, nonce_s, proof[0], f"connection from {conn.peer}")
-            name = bytes(proof[1]).decode("ascii", "replace")
-            use = (bool(name) and shm.enabled() and not isinstance(conn._sock, ssl.SSLSocket)
-                   and shm.check_probe(name, bytes(proof[2])))
-            conn.send([b"shm" if use else b"tcp"])
-    finally:
-        conn._sock.settimeout(None)
-    conn.frames_sent = conn.bytes_sent = conn.frames_received = conn.bytes_received = 0
-    if use:
-        conn._shm_tx, conn._shm_rx = shm.ShmSender(), shm.ShmReceiver()
