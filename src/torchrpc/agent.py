@@ -148,8 +148,9 @@ class Agent:
 
     def _connect_to(self, peer: int, info: dict, timeout: float, secret: Optional[bytes], extra: dict) -> Connection:
         """Connect to ``peer`` at the address the store gave. If the worker that answers proves
-        (in the handshake) that it is ``peer`` but listens elsewhere, something between us
-        relays (the store's address was rewritten): connect to the proven address instead."""
+        (in the handshake, with the secret or inside TLS) that it is ``peer`` but listens
+        elsewhere, something between us relays (the store's address was rewritten): connect
+        to the proven address instead."""
         address, name = info["address"], info["name"]
 
         def expect(identity: bytes) -> None:
@@ -164,9 +165,9 @@ class Agent:
             try:
                 return connect(address, timeout, secret, identity=self._identity, check_peer=expect, **extra)
             except _Relayed as r:
-                if secret is None:
+                if secret is None and not extra:
                     raise ProtocolError(f"worker {name!r} claims to listen at {r.address}, not at {address}; "
-                                        "without a secret that claim proves nothing") from None
+                                        "without a secret or TLS that claim proves nothing") from None
                 log.warning("torchrpc %s: the store gives %s as worker %r's address, but that worker proved it "
                             "listens at %s: something relays between (was the store rewritten?); connecting to "
                             "the proven address", self.name, address, name, r.address)

@@ -77,9 +77,11 @@ class Gate:
             if ticket in self._entries:
                 self._entries[ticket].sock = sock
 
-    def release(self, ticket: int) -> None:
+    def release(self, ticket: int) -> bool:
+        """The handshake of ``ticket`` is over (or about to be): whether it was still in flight,
+        i.e. not cut. Once released, it can no longer be cut."""
         with self._cond:
-            self._entries.pop(ticket, None)
+            return self._entries.pop(ticket, None) is not None
 
     def expire(self) -> Optional[float]:
         """Cut the connections past their deadline; seconds until the next deadline (None: none)."""

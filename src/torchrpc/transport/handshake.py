@@ -21,6 +21,7 @@ import time
 from typing import TYPE_CHECKING, Callable, Optional
 
 from . import auth, shm
+from .base import ConnectionClosed
 
 if TYPE_CHECKING:
     from .tcp import TCPConnection
@@ -61,9 +62,12 @@ def connector_side(conn: "TCPConnection", secret: Optional[bytes], identity: byt
     conn.established(id_s, to_peer, from_peer, use_shm=bytes(answer[0]) == b"shm")
 
 
-def acceptor_side(conn: "TCPConnection", secret: Optional[bytes], identity: bytes, deadline: float) -> None:
+def acceptor_side(conn: "TCPConnection", secret: Optional[bytes], identity: bytes, deadline: float,
+                  admit: Callable[[], bool] = lambda: True) -> None:
     """Run the acceptor's steps on ``conn``; the connector's identity ends up in
-    ``conn.peer_identity``."""
+    ``conn.peer_identity``. ``admit()`` is asked before the last answer, which completes the
+    connection for the connector: False (the connection was cut meanwhile) ends it here, so
+    that the connector retries instead of holding a dead connection."""
     hello = conn.recv_limited(3, 64 + MAX_IDENTITY, deadline)
     if len(hello) != 3 or bytes(hello[0]) != auth.PROTOCOL:
         raise ValueError("not a torchrpc connection, or one of another protocol version")
@@ -78,6 +82,8 @@ def acceptor_side(conn: "TCPConnection", secret: Optional[bytes], identity: byte
     tls = isinstance(conn._sock, ssl.SSLSocket)
     use = bool(name) and shm.enabled() and not tls and shm.check_probe(name.decode("ascii", "replace"), token)
     answer = b"shm" if use else b"tcp"
+    if not admit():
+        raise ConnectionClosed(f"the handshake with {conn.peer} was cut (deadline or admission cap)")
     conn.send([answer, auth.proof(secret, b"answer", t, answer)])
     from_peer, to_peer = auth.frame_keys(None if tls else secret, t)
     conn.established(id_c, to_peer, from_peer, use_shm=use)

@@ -82,7 +82,8 @@ class TCPListener(Listener):
                 sock.settimeout(max(0.001, deadline - time.monotonic()))
                 sock.do_handshake()
             conn = TCPConnection(sock, peer)
-            handshake.acceptor_side(conn, self._secret, self.identity, deadline)
+            handshake.acceptor_side(conn, self._secret, self.identity, deadline,
+                                    admit=lambda: self.gate.release(ticket))
         except Exception as e:  # whatever a stranger sent, the listener carries on
             self.gate.failed(peer, e)
             if conn is not None:
