@@ -64,6 +64,9 @@ LOCAL_PREFIX = "torch.testing._internal.distributed.rpc."
 DIST_UTILS = "torch.testing._internal.dist_utils"
 
 REASONS = ["faulty", "cuda", "jit", "debug", "internal", "private"]
+#: modules whose use makes a test "internal" (as written in the wheel, and as rewritten)
+INTERNAL_MODULES = ("torch.distributed.rpc.internal", "torch.distributed.rpc.api", "torchrpc.internal",
+                    "torchrpc.api")
 REASON_TEXT = {
     "faulty": "uses the faulty (fault-injecting) agent",
     "cuda": "uses CUDA, GPUs or device maps",
@@ -231,6 +234,11 @@ CONFTEST_SRC = '''\
 """Written by conformance/run.py: keeps the selected tests, records each outcome."""
 import json
 import os
+
+from torch.testing._internal import common_distributed
+
+# shorter timeouts for expected failures that hang (see expected_failures.txt)
+common_distributed.TIMEOUT_OVERRIDE.update(json.loads(os.environ.get("CF_TIMEOUTS", "{}")))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -538,6 +546,7 @@ class Selector:
         bindings = self.rewriters[module[3:]].bindings if module[3:] in self.rewriters else {}
         idents, strings = [], []
         chains = []
+        found_imports: list = []
         walk_roots = [node] + list(getattr(node, "decorator_list", []))
         for root in walk_roots:
             for sub in ast.walk(root):
@@ -558,6 +567,12 @@ class Selector:
                     idents.append(sub.name)
                 elif isinstance(sub, ast.Constant) and isinstance(sub.value, str):
                     strings.append(sub.value)
+                elif isinstance(sub, (ast.Import, ast.ImportFrom)):
+                    # an import inside the test itself (``import torch.distributed.rpc.internal as x``)
+                    mods = [a.name for a in sub.names] if isinstance(sub, ast.Import) else [sub.module or ""]
+                    for mod in mods:
+                        if mod.startswith(INTERNAL_MODULES):
+                            found_imports.append(mod)
         words = set()
         for s in idents:
             words.update(split_ident(s))
@@ -588,6 +603,8 @@ class Selector:
         for s in strings:
             if "cuda" in s.lower():
                 hit("cuda", repr(s))
+        for mod in found_imports + [s for s in strings if s.startswith(INTERNAL_MODULES)]:
+            hit("internal", f"import {mod}")  # (the rewriter turns such an import into _cf_module("..."))
         for chain in chains:
             dotted = ".".join(chain)
             if dotted.startswith(("torchrpc.internal", "torchrpc.api")) or \
@@ -635,6 +652,8 @@ class Selector:
 # ----------------------------------------------------------------------------------------
 
 def read_expected_failures(path=EXPECTED_FAILURES_FILE):
+    """{Suite.test: reason}; a reason may start with ``(timeout N)``: the test hangs on torchrpc,
+    so it runs under N seconds instead of the usual timeout."""
     out = {}
     if not os.path.exists(path):
         return out
@@ -644,6 +663,16 @@ def read_expected_failures(path=EXPECTED_FAILURES_FILE):
             test = test.strip()
             if test:
                 out[test] = reason.strip()
+    return out
+
+
+def hang_timeouts(expected):
+    """{test name: seconds} of the expected failures marked ``(timeout N)``."""
+    out = {}
+    for tid, reason in expected.items():
+        m = re.match(r"\(timeout (\d+)\)", reason)
+        if m:
+            out[tid.split(".")[-1]] = int(m.group(1))
     return out
 
 
@@ -683,6 +712,7 @@ def run_suite(workdir, suite, selected, timeout, deadline_at, outcomes_path, sta
     env["CF_OUTCOMES"] = outcomes_path
     env["CF_START_METHOD"] = start_method
     env["DISTRIBUTED_TESTS_DEFAULT_TIMEOUT"] = str(int(timeout))
+    env["CF_TIMEOUTS"] = json.dumps(hang_timeouts(read_expected_failures()))
     env["PYTHONPATH"] = os.pathsep.join(
         [workdir] + ([REPO_SRC] if REPO_SRC else []) + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.setdefault("PYTHONUNBUFFERED", "1")

@@ -686,3 +686,19 @@ def test_a_proxy_of_a_method_the_value_lacks_raises_attribute_error():
     for label in ("sync", "async", "remote"):
         assert "has no attribute 'non_exist'" in out[label], out
     assert out["works"] == 2.0
+
+
+def _late_starter(rank, world_size):
+    if rank == 1:
+        time.sleep(1.5)  # longer than the calls' timeout below
+    init(rank, world_size, rpc_timeout=0.3)
+    out = rpc.rpc_sync(f"worker{(rank + 1) % world_size}", whoami)
+    rpc.shutdown()
+    return out
+
+
+def test_a_short_call_timeout_does_not_cut_start_up_short():
+    """torch's start-up does not depend on rpc_timeout (torch's test_set_and_get_default_rpc_timeout
+    sets 0.5 s): a worker that starts 1.5 s after the others still joins a job whose calls time
+    out after 0.3 s."""
+    assert run_workers(_late_starter, 2) == ["worker1", "worker0"]

@@ -105,7 +105,7 @@ class Agent:
 
     def start(self) -> None:
         """Listen, publish our address, learn everyone's, and connect to every peer."""
-        timeout = self.rpc_timeout or 300.0
+        timeout = self.options.startup_timeout
         try:
             secret = self._secret_source.obtain(self._rv.store, self.rank)
             opts = self.options

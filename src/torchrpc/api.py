@@ -55,7 +55,7 @@ def init_rpc(
         _freeze_gc_once()  # before the agent exists: its cycles must stay collectable after shutdown
         # before the store: a job across hosts without a secret fails here, at once
         source = job_secret.choose(options, rdzv.master_host(options.init_method))
-        rv = rdzv.rendezvous(options.init_method, rank, world_size, options.rpc_timeout or 300.0)
+        rv = rdzv.rendezvous(options.init_method, rank, world_size, options.startup_timeout)
         agent = Agent(name, rv.rank, rv.world_size, options, rv, source)
         # current before start: peers that finish first may already call into us
         current.set_agent(agent)

@@ -12,6 +12,10 @@ DEFAULT_INIT_METHOD: str = "env://"
 DEFAULT_NUM_WORKER_THREADS: int = 16
 DEFAULT_SHUTDOWN_TIMEOUT: float = 0
 UNSET_RPC_TIMEOUT: float = -1.0
+#: Start-up (rendezvous, connections, the closing barrier) waits at least this long, however
+#: short the calls' timeout: torch's start-up does not depend on ``rpc_timeout`` at all, and
+#: programs set sub-second call timeouts.
+MIN_STARTUP_TIMEOUT: float = 10.0
 
 
 class BackendType(enum.Enum):
@@ -100,6 +104,12 @@ class RpcBackendOptions:
         self.tls_cafile = tls_cafile or os.environ.get("TORCHRPC_TLS_CA")
         if bool(self.tls_certfile) != bool(self.tls_keyfile):
             raise ValueError("TLS needs both a certificate (tls_certfile) and its key (tls_keyfile)")
+
+    @property
+    def startup_timeout(self) -> float:
+        """Seconds start-up may take: ``rpc_timeout``, but at least MIN_STARTUP_TIMEOUT (and 300
+        when calls have no timeout)."""
+        return max(self.rpc_timeout, MIN_STARTUP_TIMEOUT) if self.rpc_timeout else 300.0
 
     def set_device_map(self, to: str, device_map: dict[Any, Any]) -> None:
         """Map this worker's devices to the callee's (CUDA only; checked here)."""
