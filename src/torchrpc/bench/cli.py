@@ -19,7 +19,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=None,
                    help="rounds per backend and workload (default 3)")
     p.add_argument("--quick", action="store_true",
-                   help="fewer iterations: 1-1.5 minutes on 2 cores, mostly process start-up")
+                   help="fewer iterations: each workload a few seconds per round, mostly process start-up")
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # testing: a few iterations, 1 round
     p.add_argument("--only", default=None, metavar="W1,W3",
                    help=f"comma-separated workloads to run (of {','.join(runner.WORKLOADS)}); floors still run")
@@ -29,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds before a round is killed and recorded as failed "
                         "(default 180; --quick 60)")
     p.add_argument("--plot", default=None, metavar="DIR",
-                   help="write PNG plots of the run into DIR (W7: microseconds per send against N)")
+                   help="write PNG plots of the run into DIR (W7: microseconds per send against N; "
+                        "torchrpc/torch against fan-in trainers (W13), chain depth (W11) and payload size (W14))")
     p.add_argument("--logs", default=None, metavar="DIR",
                    help="keep every process's log in DIR (default: a temporary folder, removed)")
     return p

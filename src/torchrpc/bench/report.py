@@ -11,7 +11,7 @@ from .runner import BACKENDS, FLOORS, WORKLOADS, BenchRun, Metric, RoundResult
 
 def summarize(results: list[RoundResult], key: str) -> dict:
     """Median and min-max over the rounds that succeeded, the raw per-round values, and the failures."""
-    values = [r.metrics[key] for r in results if r.status == "ok" and key in r.metrics]
+    values = [r.metrics[key] for r in results if r.status in ("ok", "partial") and key in r.metrics]
     out: dict[str, Any] = {
         "median": statistics.median(values) if values else None,
         "min": min(values) if values else None,
@@ -50,11 +50,12 @@ def _overlap(a: dict, b: dict) -> bool:
 def build_rows(run: BenchRun) -> list[dict]:
     rows: list[dict] = []
     common = {"mode": run.mode, "rounds": run.rounds, "source": run.source}
-    for fid, (short, title, m) in FLOORS.items():
+    for fid, (short, title, ms) in FLOORS.items():
         if (fid, "floor") not in run.results:
             continue
-        rows.append({"kind": "floor", "workload": fid, "name": short, "title": title, **_metric(m), **common,
-                     "floor": summarize(run.results[(fid, "floor")], m.key)})
+        for m in ms:
+            rows.append({"kind": "floor", "workload": fid, "name": short, "title": title, **_metric(m), **common,
+                         "floor": summarize(run.results[(fid, "floor")], m.key)})
     for wid, w in WORKLOADS.items():
         if (wid, BACKENDS[0]) not in run.results:
             continue

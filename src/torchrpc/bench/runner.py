@@ -48,6 +48,11 @@ class Workload:
 
 #: W7's context sizes (sends per context) in the full bench; the quick and smoke runs take a prefix
 AUTOGRAD_SIZES = (100, 1000, 10000)
+#: W11's chain depths (world size depth + 1), W13's trainer counts (world size n + 1), W14's payloads
+CHAIN_DEPTHS = (1, 2, 3, 4)
+FANIN_TRAINERS = (1, 3, 7)
+PAYLOADS = (("4KiB", 4 << 10), ("64KiB", 64 << 10), ("256KiB", 256 << 10), ("4MiB", 4 * MiB), ("64MiB", 64 * MiB))
+PIPE_WINDOW = 8
 
 WORKLOADS: dict[str, Workload] = {w.wid: w for w in [
     Workload("W1", "small-call latency", "small-call latency: rpc_sync(add, (1, 2))", 2,
@@ -69,15 +74,37 @@ WORKLOADS: dict[str, Workload] = {w.wid: w for w in [
                                                             "lower"))))),
     Workload("W8", "owner memory per RRef", "RSS growth of an owner holding N RRefs of 1-element tensors", 2,
              (Metric("bytes_per_rref", "per live RRef", "bytes", "lower"),)),
+    # The shapes users run (drivers in .shapes); W10, W11 and W13 run one process group per world size
+    Workload("W9", "remote built-in op", "remote(dst, torch.ones, ((10,),)).to_here(); the same with a Python function",
+             2, (Metric("p50_us_builtin", "torch.ones p50", "us", "lower"),
+                 Metric("p50_us_python", "Python fn p50", "us", "lower"))),
+    Workload("W10", "RRef.backward shapes", "remote(loss) + RRef.backward(ctx) from a non-owner, per step: the loss "
+             "uses the caller's tensor (2 procs) / only the owner's (3 procs, one idle)", 3,
+             (Metric("p50_us_back", "grad to caller p50", "us", "lower"),
+              Metric("p50_us_owner3", "owner only, 3 procs p50", "us", "lower"))),
+    Workload("W11", "nested chain + backward", "rpc_sync chain w0 -> w1 -> ... -> w<depth> (nested), "
+             "dist_autograd.backward on w0, per step", max(CHAIN_DEPTHS) + 1,
+             tuple(Metric(f"p50_us_d{d}", f"depth {d} ({d + 1} procs) p50", "us", "lower") for d in CHAIN_DEPTHS)),
+    Workload("W12", "4-stage pipeline", f"driver + 4 stage workers, rpc_async chained by futures, "
+             f"{PIPE_WINDOW} micro-batches of 32x256 in flight", 5,
+             (Metric("mb_per_s", "throughput", "micro-batches/s", "higher"),)),
+    Workload("W13", "fan-in on one server", "N trainers rpc_sync 64 KiB each way to one parameter server for a "
+             "fixed time, total", max(FANIN_TRAINERS) + 1,
+             tuple(Metric(f"calls_per_s_{n}", f"{n} trainer{'s' * (n > 1)}", "calls/s", "higher")
+                   for n in FANIN_TRAINERS)),
+    Workload("W14", "tensor latency", "rpc_sync(identity, t) round trip by payload size", 2,
+             tuple(Metric(f"p50_us_{label}", f"{label} p50", "us", "lower") for label, _ in PAYLOADS)),
 ]}
 
-FLOORS: dict[str, tuple[str, str, Metric]] = {
+FLOORS: dict[str, tuple[str, str, tuple[Metric, ...]]] = {
     "F1": ("TCP ping-pong", "raw Python TCP ping-pong, 64 B messages, TCP_NODELAY, 2 procs",
-           Metric("p50_us", "p50 round trip", "us", "lower")),
+           (Metric("p50_us", "p50 round trip", "us", "lower"),)),
     "F2": ("tensor copy", "64 MiB in-process dst.copy_(src), size / time",
-           Metric("gbps", "64 MiB", "GB/s", "higher")),
+           (Metric("gbps", "64 MiB", "GB/s", "higher"),)),
     "F3": ("TCP ping-pong, polling", "as F1, each side polling its socket up to 200 us before blocking",
-           Metric("poll_p50_us", "p50 round trip", "us", "lower")),
+           (Metric("poll_p50_us", "p50 round trip", "us", "lower"),)),
+    "F4": ("copy there and back", "W14's floor: in-process b.copy_(a); a.copy_(b), p50",
+           tuple(Metric(f"copy_rt_us_{label}", f"{label} p50", "us", "lower") for label, _ in PAYLOADS)),
 }
 
 BACKENDS = ("torchrpc", "torch")
@@ -104,6 +131,44 @@ ITERATIONS: dict[str, dict[str, tuple[int, int]]] = {
 #: W7's sizes per mode (the table shows the full run's; a shorter run leaves the larger ones out)
 W7_SIZES = {"full": AUTOGRAD_SIZES, "quick": AUTOGRAD_SIZES[:2], "smoke": AUTOGRAD_SIZES[:1]}
 
+#: The shapes' (warm-up, timed) iterations: W9-W11 per metric, W12 micro-batches, W14 per size
+#: (keyed by payload); W13 is (warm-up calls per trainer, seconds of calls per trainer count)
+SHAPE_ITERATIONS: dict[str, dict] = {
+    "full": {"W9": (100, 2000), "W10": (30, 1000), "W11": (20, 400), "W12": (64, 1500), "W13": (20, 3.0),
+             "W14": {"4KiB": (100, 2000), "64KiB": (100, 2000), "256KiB": (50, 1000), "4MiB": (10, 200),
+                     "64MiB": (3, 30)}},
+    "quick": {"W9": (100, 300), "W10": (10, 150), "W11": (5, 60), "W12": (16, 300), "W13": (5, 1.0),
+              "W14": {"4KiB": (30, 300), "64KiB": (30, 300), "256KiB": (20, 200), "4MiB": (5, 40),
+                      "64MiB": (2, 6)}},
+    "smoke": {"W9": (3, 10), "W10": (2, 5), "W11": (2, 3), "W12": (8, 16), "W13": (2, 0.3),
+              "W14": {"4KiB": (2, 5), "64KiB": (2, 5), "256KiB": (2, 5), "4MiB": (1, 3), "64MiB": (1, 2)}},
+}
+
+
+def shape_params(mode: str) -> dict[str, dict]:
+    """The parameters of W9-W14 and of F4 in a mode; a workload with ``groups`` runs one process
+    group per entry (its own world size), one after the other within a round."""
+    n = SHAPE_ITERATIONS[mode]
+
+    def it(key: str) -> dict:
+        return {"warmup": n[key][0], "iters": n[key][1]}
+
+    sizes = [(label, nbytes, *n["W14"][label]) for label, nbytes in PAYLOADS]
+    # the smoke run (the tests) starts one group of each (a nested chain, several trainers): process
+    # start-up is most of it; W10's two groups still run
+    depths, trainers = ((2,), (3,)) if mode == "smoke" else (CHAIN_DEPTHS, FANIN_TRAINERS)
+    return {
+        "W9": it("W9"),
+        "W10": {"groups": [dict(it("W10"), shape="back", world_size=2),
+                           dict(it("W10"), shape="owner3", world_size=3)]},
+        "W11": {"groups": [dict(it("W11"), depth=d, world_size=d + 1) for d in depths]},
+        "W12": dict(it("W12"), window=PIPE_WINDOW),
+        "W13": {"groups": [{"warmup": n["W13"][0], "duration": n["W13"][1], "trainers": t, "world_size": t + 1}
+                           for t in trainers]},
+        "W14": {"sizes": sizes},
+        "F4": {"sizes": [(label, nbytes, max(2, w), max(20, i)) for label, nbytes, w, i in sizes]},
+    }
+
 
 def params_for(mode: str) -> dict[str, dict]:
     """Per-workload parameters (warm-up and timed iterations) of a mode."""
@@ -123,6 +188,7 @@ def params_for(mode: str) -> dict[str, dict]:
         "W8": it("W8"),
         "F1": {**it("F1"), "msg_bytes": 64},
         "F2": {**it("F2"), "nbytes": 64 * MiB},
+        **shape_params(mode),
     }
 
 # --------------------------------------------------------------------------------------
@@ -132,7 +198,7 @@ def params_for(mode: str) -> dict[str, dict]:
 
 @dataclass
 class RoundResult:
-    status: str                     # "ok", "failed", "timeout", "skipped"
+    status: str                     # "ok", "failed", "timeout", "skipped"; "partial": a group of the round failed
     metrics: dict = field(default_factory=dict)
     error: str = ""
     wall_s: float = 0.0
@@ -168,6 +234,7 @@ def run_group(jobs: list[dict], timeout: float, logdir: str, label: str) -> Roun
     """Start one process per job, collect their reports, and make sure all of them are gone."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
+    exit_barrier = ctx.Barrier(len(jobs))   # no process leaves before all are through (see process_main)
     procs: list[Any] = []
     logs: list[str] = []
     t_start = time.monotonic()
@@ -184,7 +251,8 @@ def run_group(jobs: list[dict], timeout: float, logdir: str, label: str) -> Roun
             job = dict(job, idx=i)
             log = os.path.join(logdir, f"{label}-p{i}.log")
             logs.append(log)
-            p = ctx.Process(target=workloads.process_main, args=(job, q, log), name=f"bench-{label}-p{i}")
+            p = ctx.Process(target=workloads.process_main, args=(job, q, log, exit_barrier),
+                            name=f"bench-{label}-p{i}")
             p.start()
             procs.append(p)
 
@@ -216,6 +284,7 @@ def run_group(jobs: list[dict], timeout: float, logdir: str, label: str) -> Roun
                     # Died without saying "done" (a crash, or a kill from outside): what it did
                     # put is already in the pipe; give the others a short while to notice.
                     crashed[i] = p.exitcode
+                    exit_barrier.abort()   # the others must not wait for it
                     deadline = min(deadline, time.monotonic() + 10.0)
             if len(crashed) + len(done) >= len(procs):
                 try:
@@ -225,6 +294,8 @@ def run_group(jobs: list[dict], timeout: float, logdir: str, label: str) -> Roun
                     pass
                 break
     finally:
+        if timed_out or len(done) < len(procs):
+            exit_barrier.abort()
         stragglers = _reap(procs, grace=10.0 if not timed_out else 0.0)
         q.close()
         q.join_thread()
@@ -296,17 +367,47 @@ def _reap(procs: list[Any], grace: float) -> list[int]:
 # --------------------------------------------------------------------------------------
 
 
-def rpc_jobs(w: Workload, backend: str, params: dict) -> list[dict]:
+def rpc_jobs(w: Workload, backend: str, params: dict, world_size: int | None = None) -> list[dict]:
     port = free_port()
-    return [{"kind": "rpc", "backend": backend, "workload": w.wid, "rank": r, "world_size": w.world_size,
-             "port": port, "params": params} for r in range(w.world_size)]
+    n = world_size or w.world_size
+    return [{"kind": "rpc", "backend": backend, "workload": w.wid, "rank": r, "world_size": n,
+             "port": port, "params": params} for r in range(n)]
 
 
 def floor_jobs(params: dict, accept_timeout: float) -> list[dict]:
-    """Both floors in one round: a TCP client (which then does the copy) and a TCP echo server."""
+    """The floors in one round: a TCP client (which then does the copies) and a TCP echo server."""
     tcp = dict(params["F1"], port=free_port(), accept_timeout=accept_timeout)
-    return [{"kind": "floors_client", "params": {"tcp": tcp, "copy": params["F2"]}},
+    return [{"kind": "floors_client", "params": {"tcp": tcp, "copy": params["F2"], "copy_rt": params["F4"]}},
             {"kind": "tcp_server", "params": tcp}]
+
+
+def run_rpc_round(w: Workload, backend: str, params: dict, timeout: float, logdir: str, label: str) -> RoundResult:
+    """One round of ``w`` on ``backend``: one process group, or one per entry of ``params["groups"]``,
+    each started after the previous one is gone, all within ``timeout`` seconds together."""
+    if "groups" not in params:
+        return run_group(rpc_jobs(w, backend, params), timeout, logdir, label)
+    deadline = time.monotonic() + timeout
+    total = RoundResult("ok")
+    for g, group in enumerate(params["groups"]):
+        p = {k: v for k, v in group.items() if k != "world_size"}
+        left = deadline - time.monotonic()
+        if left <= 1.0:
+            res = RoundResult("timeout", error=f"round timed out after {timeout:.0f} s before group {g + 1} "
+                                               f"of {len(params['groups'])} ({p}) started")
+        else:
+            res = run_group(rpc_jobs(w, backend, p, group["world_size"]), left, logdir, f"{label}-g{g}")
+        total.wall_s += res.wall_s
+        total.notes += res.notes
+        if res.status == "ok":
+            total.metrics.update(res.metrics)
+        else:   # "partial": the report counts the groups that succeeded, this one as failed
+            total.status = "partial" if res.status == "failed" and total.status in ("ok", "partial") else res.status
+            total.error += (f"group {g + 1} ({p}): " if not total.error else f"\ngroup {g + 1} ({p}): ") + res.error
+            if res.status == "timeout":
+                break
+    if total.status == "partial" and not total.metrics:
+        total.status = "failed"
+    return total
 
 
 @dataclass
@@ -329,8 +430,9 @@ def run_bench(selected: list[str], mode: str, rounds: int, round_timeout: float,
 
     def note(wid: str, r: int, backend: str, res: RoundResult) -> None:
         run.results.setdefault((wid, backend), []).append(res)
-        shown = " ".join(f"{k}={v:.4g}" for k, v in res.metrics.items()) if res.status == "ok" else \
-            (res.error.splitlines() or [""])[0]
+        shown = " ".join(f"{k}={v:.4g}" for k, v in res.metrics.items()) if res.status in ("ok", "partial") else ""
+        if res.status != "ok":
+            shown += (" " if shown else "") + (res.error.splitlines() or [""])[0]
         progress(f"[{time.monotonic() - t0:6.1f}s] {wid} round {r + 1}/{rounds} {backend:<11} "
                  f"{res.status:<7} {shown} ({res.wall_s:.1f} s)")
         for n in res.notes:
@@ -339,11 +441,12 @@ def run_bench(selected: list[str], mode: str, rounds: int, round_timeout: float,
     if floors:
         for r in range(rounds):
             res = run_group(floor_jobs(params, round_timeout), round_timeout, logdir, f"floors-r{r}")
-            for fid, (_, _, m) in FLOORS.items():
-                part = RoundResult(res.status, {k: v for k, v in res.metrics.items() if k == m.key},
+            for fid, (_, _, ms) in FLOORS.items():
+                keys = {m.key for m in ms}
+                part = RoundResult(res.status, {k: v for k, v in res.metrics.items() if k in keys},
                                    res.error, res.wall_s, res.notes)
-                if res.status == "ok" and not part.metrics:
-                    part.status, part.error = "failed", f"no {m.key} reported"
+                if res.status == "ok" and len(part.metrics) < len(keys):
+                    part.status, part.error = "failed", f"no {', '.join(sorted(keys - set(part.metrics)))} reported"
                 note(fid, r, "floor", part)
 
     for wid in selected:
@@ -357,9 +460,9 @@ def run_bench(selected: list[str], mode: str, rounds: int, round_timeout: float,
                     continue
                 if backend == "one-process":
                     jobs = [{"kind": "local_w5", "params": params[wid]}]
+                    res = run_group(jobs, round_timeout, logdir, f"{wid}-r{r}-{backend}")
                 else:
-                    jobs = rpc_jobs(w, backend, params[wid])
-                res = run_group(jobs, round_timeout, logdir, f"{wid}-r{r}-{backend}")
+                    res = run_rpc_round(w, backend, params[wid], round_timeout, logdir, f"{wid}-r{r}-{backend}")
                 if res.status == "timeout":
                     hung.add(backend)
                 note(wid, r, backend, res)

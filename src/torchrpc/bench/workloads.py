@@ -484,6 +484,8 @@ def floors_client(p: dict, stage: Stage) -> dict:
     """Both floors in one process, one after the other: the TCP ping-pong, then the copy."""
     out = tcp_client(p["tcp"], stage)
     out.update(copy_floor(p["copy"], stage))
+    if "copy_rt" in p:   # F4, W14's floor
+        out.update(importlib.import_module(f"{__package__}.shapes").copy_round_trip_floor(p["copy_rt"], stage))
     return out
 
 
@@ -507,12 +509,15 @@ def _redirect_output(log_path: str) -> Any:
     return log
 
 
-def process_main(job: dict, q: Any, log_path: str) -> None:
+def process_main(job: dict, q: Any, log_path: str, exit_barrier: Any = None) -> None:
     """Run one job and report to the parent through ``q``.
 
     Messages: ``("stage", idx, text)``, ``("result", idx, metrics)``, ``("error", idx, traceback)``,
     and always last ``("done", idx, None)``. SIGUSR1 dumps every thread's stack into the log
-    (the parent sends it before killing a round that ran past its timeout).
+    (the parent sends it before killing a round that ran past its timeout). Before "done", the
+    processes of a round wait for each other at ``exit_barrier``: torch's store lives in rank 0,
+    and a rank 0 that exited while the others were still in shutdown() broke their shutdown
+    ("Connection reset by peer", seen in 8-process rounds).
     """
     idx = job["idx"]
     log = _redirect_output(log_path)
@@ -540,6 +545,11 @@ def process_main(job: dict, q: Any, log_path: str) -> None:
                 if t is not threading.main_thread() and t.is_alive() and not t.daemon]
         if left:
             q.put(("note", idx, f"non-daemon threads still running at exit: {left}"))
+        if exit_barrier is not None:
+            try:
+                exit_barrier.wait(timeout=60)
+            except threading.BrokenBarrierError:   # the parent aborts it when a process dies
+                pass
         q.put(("done", idx, None))
         q.close()
         q.join_thread()
@@ -564,7 +574,9 @@ def _run_rpc_job(job: dict, q: Any, stage: Stage) -> None:
     error = None
     try:
         if rank == 0:
-            q.put(("result", job["idx"], DRIVERS[job["workload"]](B, job["params"], stage)))
+            wid = job["workload"]   # W9 on: in .shapes
+            driver = DRIVERS[wid] if wid in DRIVERS else importlib.import_module(f"{__package__}.shapes").DRIVERS[wid]
+            q.put(("result", job["idx"], driver(B, job["params"], stage)))
         else:
             stage("serving")
     except BaseException:
