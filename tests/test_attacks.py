@@ -19,7 +19,7 @@ What each test exercises (the defence whose absence would make it fail):
   shows the test's relay checks then fail (and that the frame tags still stop the calls).
 * ``test_on_path_relay_cannot_touch_frames`` (and ``..._shared_memory_descriptors``,
   ``test_frames_do_not_move_between_connections_or_directions``): per-frame tags
-  (BLAKE2b / Poly1305) under per-connection, per-direction keys, over a sequence number
+  (BLAKE2b / GMAC) under per-connection, per-direction keys, over a sequence number
   and every byte of the frame, checked before a frame is handed on and before a
   shared-memory descriptor is mapped. ``test_frame_tampering_is_delivered_without_tags``
   (and the second half of the between-connections test) turn the tag check off in this
@@ -763,7 +763,7 @@ def tamper_scenario(how: str, direction: str, size: int, use_shm: bool, marker_d
 
 
 _CASES = [(how, d, size) for how in MANIPULATIONS for d in ("c2s", "s2c") for size in ("small", "large")]
-_SIZES = {"small": 100, "large": 1 << 20}  # 1 MiB: tagged with Poly1305
+_SIZES = {"small": 100, "large": 1 << 20}  # 1 MiB: tagged with GMAC
 
 
 @pytest.mark.parametrize("how,direction,size", _CASES, ids=["-".join(c) for c in _CASES])

@@ -11,9 +11,10 @@ a connector never reveals a proof to an impostor listener.
 a 16-byte tag over its sequence number and all its bytes (header and buffers, in wire
 order), so a relay that forwarded the handshake can neither inject, drop-and-replace,
 reorder, replay nor alter a frame. Small frames use keyed BLAKE2b (about half a
-microsecond); large ones Poly1305 under a one-time key derived from the frame's
-sequence number (about 4 GB/s here, against 0.8 for BLAKE2b), fed while the frame is
-sent and received.
+microsecond); large ones AES-256-GCM's authentication alone (GMAC: the frame as
+associated data, the sequence number as the nonce, so no nonce repeats under a key),
+about 28 GB/s here with AES-NI against 10 for Poly1305 and 0.8 for BLAKE2b, fed while
+the frame is sent and received.
 
 Without a secret (an explicit opt-out) every proof is empty and frames carry no tag.
 """
@@ -25,11 +26,11 @@ import secrets
 import struct
 from typing import Optional, Protocol
 
-from cryptography.hazmat.primitives.poly1305 import Poly1305
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 NONCE_BYTES = 32
 TAG_BYTES = 16
-#: Frames of at least this many bytes are tagged with Poly1305, smaller ones with BLAKE2b.
+#: Frames of at least this many bytes are tagged with GMAC, smaller ones with BLAKE2b.
 LARGE_FRAME = 1 << 16
 PROTOCOL = b"torchrpc-tcp/3"
 
@@ -81,27 +82,30 @@ class Hasher(Protocol):
     def digest(self) -> bytes: ...
 
 
-class _Poly:
-    __slots__ = ("_p",)
+class _Gmac:
+    """AES-GCM over no plaintext: the data as associated data, the tag as the MAC."""
 
-    def __init__(self, key: bytes) -> None:
-        self._p = Poly1305(key)
+    __slots__ = ("_e",)
+
+    def __init__(self, key: algorithms.AES, nonce: bytes) -> None:
+        self._e = Cipher(key, modes.GCM(nonce)).encryptor()
 
     def update(self, data: bytes | memoryview) -> None:
-        self._p.update(data)
+        self._e.authenticate_additional_data(data)
 
     def digest(self) -> bytes:
-        return self._p.finalize()
+        self._e.finalize()
+        return self._e.tag
 
 
 class FrameMac:
     """One direction's frame tags: ``start(n)`` the hasher of the next frame (n bytes long)."""
 
-    __slots__ = ("_small", "_one_time", "seq")
+    __slots__ = ("_small", "_aes", "seq")
 
     def __init__(self, key: bytes) -> None:
         self._small = hashlib.blake2b(key=key, digest_size=TAG_BYTES, person=b"torchrpc-frame")
-        self._one_time = hashlib.blake2b(key=key, digest_size=32, person=b"torchrpc-poly")
+        self._aes = algorithms.AES(hashlib.blake2b(key=key, digest_size=32, person=b"torchrpc-gmac").digest())
         self.seq = 0
 
     def start(self, nbytes: int) -> Hasher:
@@ -111,9 +115,7 @@ class FrameMac:
             h = self._small.copy()
             h.update(seq)
             return h
-        k = self._one_time.copy()
-        k.update(seq)  # a fresh Poly1305 key per frame, as the one-time MAC requires
-        return _Poly(k.digest())
+        return _Gmac(self._aes, seq + b"\0\0\0\0")  # a 96-bit nonce that never repeats under this key
 
 
 def frame_keys(secret: Optional[bytes], transcript_: bytes) -> tuple[Optional[FrameMac], Optional[FrameMac]]:
