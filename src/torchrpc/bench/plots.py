@@ -110,7 +110,7 @@ def plot_ratio(rows: list[dict], wid: str, prefix: str, xlabel: str, logx: bool,
     else:
         rx.axhspan(1.0, top, color="C2", alpha=0.08, label="torchrpc faster")
     rx.set_ylim(0, top)
-    rx.set_ylabel(f"torchrpc / torch, {first['unit']}")
+    rx.set_ylabel("torchrpc median / torch median")
     rx.set_title(f"ratio ({better} is better for torchrpc)")
     for a in (ax, rx):
         if logx:
@@ -121,6 +121,7 @@ def plot_ratio(rows: list[dict], wid: str, prefix: str, xlabel: str, logx: bool,
         a.set_xlabel(xlabel, fontsize=9)
         a.grid(True, alpha=0.3)
         a.legend(fontsize=8)
+        a.margins(x=0.08)
     fig.suptitle(f"{wid}: {WORKLOADS[wid].title}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
