@@ -109,7 +109,7 @@ def test_proof_depends_on_secret_role_both_nonces_and_both_identities():
 
 def test_frame_tags_depend_on_key_sequence_and_every_byte():
     key = b"x" * 32
-    for size in (10, auth.LARGE_FRAME + 10):  # BLAKE2b and GMAC
+    for size in (10, auth.MEDIUM_FRAME + 10, auth.LARGE_FRAME + 10):  # BLAKE2b, Poly1305, GMAC
         data = bytes(range(256)) * (size // 256 + 1)
         data = data[:size]
 
