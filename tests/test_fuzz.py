@@ -348,7 +348,8 @@ class Phantom:
             for r, address in self.addresses.items():
                 # heartbeats from the start: a worker still in init_rpc drops a silent peer too
                 self.conns[r] = RawPeer.connect(address, self.hello(), label=f"{self.name}->{r}")
-            store.set(f"barrier/init/connected/{self.rank}", b"1")  # start-up's closing barrier
+            store.set(f"barrier/init/connected/{self.rank}", b"1")  # start-up's closing barriers
+            store.set(f"barrier/init/done/{self.rank}", b"1")
             del store
         except BaseException as e:  # noqa: BLE001 - reported by wait()
             self.error = e
@@ -452,6 +453,8 @@ class CaseGen:
             m.RRefAck: lambda: m.RRefAck(self.reply_id()),
             m.Hello: lambda: m.Hello(self.mid(), self.u32(), self.text()),
             m.Heartbeat: lambda: m.Heartbeat(self.mid()),
+            # a static job has no handler for it: refused like any message that is not a request
+            m.Membership: lambda: m.Membership(self.mid(), self.u32(), self.rng.random() < 0.5),
             m.ForwardAutograd: self._forward_autograd,
             m.BackwardDiscover: lambda: m.BackwardDiscover(self.mid(), self.context_id(), self.pass_id(),
                                                            self.rng.random() < 0.5,

@@ -36,6 +36,7 @@ LAYERS: dict[str, int] = {
     "torchrpc.options": BASE,
     "torchrpc.transport.*": BASE,
     "torchrpc.rendezvous": BASE,
+    "torchrpc.group": BASE,
     "torchrpc.job_secret": BASE,
     "torchrpc.protocol.tensor_codec": BASE,
     "torchrpc.protocol.sparse": BASE,

@@ -98,6 +98,8 @@ def examples():
         m.Hello(0, U32, ""),
         m.Heartbeat(0),
         m.Heartbeat(U64),
+        m.Membership(22, 3, True),
+        m.Membership(U64, U32, False),
         # distributed autograd
         m.ForwardAutograd(11, (3 << 48) | 7, U64, m.PythonCall(11, payload())),
         m.ForwardAutograd(12, I64_MIN, 0, m.RRefFetchCall(12, Gid(1, 2)), True),  # fixed-layout inner message
@@ -266,7 +268,7 @@ def test_empty_frame():
         m.decode([bytearray(), b"x"])
 
 
-@pytest.mark.parametrize("type_byte", [0, 14, 99, 255])
+@pytest.mark.parametrize("type_byte", [0, 15, 99, 255])
 def test_unknown_type_byte(type_byte):
     header = bytes([type_byte]) + struct.pack("<Q", 1)
     with pytest.raises(ProtocolError, match="unknown message type"):

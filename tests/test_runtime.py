@@ -1164,6 +1164,7 @@ HEADERS = {
     m.MessageType.EXCEPTION: (ID,),
     m.MessageType.HELLO: (ID, ("worker_id", "u32")),
     m.MessageType.HEARTBEAT: (ID,),
+    m.MessageType.MEMBERSHIP: (ID, ("worker_id", "u32"), ("joined", "bool")),
     m.MessageType.FORWARD_AUTOGRAD: (ID, ("context_id", "i64"), ("autograd_message_id", "u64"),
                                      ("converges", "bool")),
     m.MessageType.BACKWARD_DISCOVER: (ID, ("context_id", "i64"), ("pass_id", "u64"), ("retain_graph", "bool")),

@@ -8,11 +8,13 @@ The parts, each in its own module:
 * ``runtime/reader.py`` and ``runtime/lease.py``: who reads each connection;
 * ``runtime/endpoint.py``: what services use to talk to peers;
 * ``runtime/watchdog.py``, ``runtime/heartbeat.py``, ``runtime/pool.py``, ``runtime/faults.py``;
-* ``services/calls.py``, ``services/rrefs.py``, ``services/autograd.py``: the handlers.
+* ``services/calls.py``, ``services/rrefs.py``, ``services/autograd.py``: the handlers;
+* ``services/membership.py`` (with ``group.py``): joining and leaving a dynamic group.
 
 Threads: the pool (user functions and handlers; readers are pool threads), the autograd
 pool (gradient deliveries), the heartbeat thread, the watchdog, the reader monitor, and
-an acceptor that takes the connections of higher-ranked workers during start-up.
+an acceptor that takes the connections of higher-ranked workers during start-up (in a
+dynamic group: of the members that join later).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import torch
 
 from . import job_secret
 from . import rendezvous as rdzv
+from .group import MAX_RANK, GroupRecord
 from .services.autograd import DistAutograd
 from .errors import ProtocolError, RPCError, RPCTimeoutError, WorkerUnavailableError
 from .options import RpcBackendOptions
@@ -40,6 +43,7 @@ from .runtime.reader import Readers
 from .runtime.registry import HandlerRegistry
 from .runtime.watchdog import Watchdog
 from .services.calls import CallService
+from .services.membership import Membership
 from .services.payloads import Payloads
 from .services.rrefs import Outbox, RRefService
 from .transport import Connection, ConnectionClosed, connect, listen
@@ -61,11 +65,13 @@ class _Relayed(Exception):
 class Agent:
     """One worker's RPC machinery. Create with :meth:`start`; end with :meth:`shutdown`."""
 
-    def __init__(self, name: str, rank: int, world_size: int, options: RpcBackendOptions, rv: rdzv.Rendezvous,
-                 secret_source: Optional[job_secret.SecretSource] = None):
+    def __init__(self, name: str, rank: int, world_size: Optional[int], options: RpcBackendOptions,
+                 rv: rdzv.Rendezvous, secret_source: Optional[job_secret.SecretSource] = None):
         self.name = name
         self.rank = rank
-        self.world_size = world_size
+        self.world_size = world_size  # None: a dynamic group
+        self.dynamic = world_size is None
+        self.membership: Optional[Membership] = None  # a dynamic group's, made at start
         self.options = options
         self.rpc_timeout = options.rpc_timeout
         self._rv = rv
@@ -95,7 +101,7 @@ class Agent:
         # the services
         self.ctx = RRefContext(rank, Outbox(self.endpoint))
         self.autograd = DistAutograd(self.endpoint, self.ctx)
-        payloads = Payloads(self.endpoint, self.ctx, self.autograd, world_size)
+        payloads = Payloads(self.endpoint, self.ctx, self.autograd, world_size or MAX_RANK)
         self.calls = CallService(self.endpoint, payloads, self.ctx, self._pool)
         self.rrefs = RRefService(self.endpoint, self.ctx, payloads, self.autograd, self._pool)
         for service in (self.calls, self.rrefs, self.autograd):
@@ -104,7 +110,8 @@ class Agent:
     # --- start-up ------------------------------------------------------------------
 
     def start(self) -> None:
-        """Listen, publish our address, learn everyone's, and connect to every peer."""
+        """Listen, publish our address, learn everyone's, and connect to every peer (in a dynamic
+        group: join it, connecting to every member)."""
         timeout = self.options.startup_timeout
         try:
             secret = self._secret_source.obtain(self._rv.store, self.rank)
@@ -118,10 +125,20 @@ class Agent:
             self._identity = self._listener.identity = m.Hello(0, self.rank, self.name,
                                                                self._listener.address).identity()
             self._add_connection(self.rank, LoopbackConnection(self.name))
+            if self.dynamic:
+                self.peers.dynamic = True
+                self.membership = Membership(self.endpoint, GroupRecord(self._rv.store, self.rank, self.name),
+                                             self._listener.address, timeout)
+                self.membership.register(self.registry)
             self._spawn(self.watchdog.run, "watchdog", self._stop)
             self._spawn(self.readers.monitor, "monitor", self._stop)
             self._spawn(self.heartbeats.run, "heartbeat", self._stop)
             self._spawn(self._accept_loop, "acceptor")
+            if self.membership is not None:
+                # rank 0 keeps the private secret file until it shuts down: later members need it
+                self.membership.join(lambda peer, info, t: self._connect_to(peer, info, t, secret, extra),
+                                     self._add_connection, time.monotonic() + timeout)
+                return
             rdzv.publish(self._rv.store, self.rank, {"name": self.name, "address": self._listener.address})
             infos = rdzv.gather(self._rv.store, self.world_size, timeout)
             self.peers.set_workers([i["name"] for i in infos])
@@ -135,6 +152,12 @@ class Agent:
                                 self.is_alive)
             if gone:
                 raise RPCError(f"worker(s) {[self.peers.name_of(r) for r in gone]} lost during start-up")
+            # rank 0 hosts the store: it returns last, once no worker polls the barrier any more
+            # (one that shuts down at once must not take the store from under the others)
+            if self.rank == 0:
+                rdzv.barrier(self._rv.store, "init/done", 0, range(self.world_size), timeout, self.is_alive)
+            else:
+                self._rv.store.set(f"barrier/init/done/{self.rank}", b"1")
             self._secret_source.forget()  # everyone has it now
         except BaseException:
             self._close(graceful=False)
@@ -187,18 +210,23 @@ class Agent:
                 return
             try:
                 hello = m.Hello.from_identity(conn.peer_identity)
-                peer = hello.worker_id
-                self.peers.wait_workers(60)  # the mesh is only built after every address is known
-                workers = self.peers.workers
-                if not (self.rank < peer < len(workers)) or workers[peer].name != hello.name:
-                    raise ProtocolError(f"unexpected HELLO from {hello.name!r} claiming id {peer}")
-                if peer in self.peers.conns:
-                    raise ProtocolError(f"worker {hello.name!r} is already connected")
+                peer = self.membership.admit(hello) if self.membership is not None else self._admit(hello)
             except Exception as e:  # whatever the first frame was, the acceptor carries on
                 log.warning("torchrpc %s: rejected connection from %s: %s", self.name, conn.peer, e)
                 conn.close()
                 continue
             self._add_connection(peer, conn)
+
+    def _admit(self, hello: m.Hello) -> int:
+        """A static job's check of an incoming connection: a higher rank, by its published name."""
+        peer = hello.worker_id
+        self.peers.wait_workers(60)  # the mesh is only built after every address is known
+        workers = self.peers.workers
+        if not (self.rank < peer < len(workers)) or workers[peer].name != hello.name:
+            raise ProtocolError(f"unexpected HELLO from {hello.name!r} claiming id {peer}")
+        if peer in self.peers.conns:
+            raise ProtocolError(f"worker {hello.name!r} is already connected")
+        return peer
 
     def _add_connection(self, peer: int, conn: Connection) -> None:
         if self._faults is not None and peer != self.rank:
@@ -207,9 +235,14 @@ class Agent:
         self.readers.start(peer, conn)
 
     def _on_lost(self, peer: int, err: WorkerUnavailableError) -> None:
-        if not self._closing:
+        left = self.peers.has_left(peer)  # a member that left a dynamic group: no failure
+        if not self._closing and not left:
             log.warning("torchrpc %s: lost worker %r: %s", self.name, self.peers.name_of(peer), self.peers.dead[peer])
         self.ctx.forget_worker(peer, err)
+        if self.membership is not None:
+            self.ctx.forget_owner(peer)  # its rank may come back: no delete may reach the new member
+            if not left and not self._closing:
+                self._pool.submit(self.membership.lost, peer)
         self.endpoint.fail_peer(peer, err)
 
     def _timeout_message(self, p: Pending) -> str:
@@ -285,7 +318,10 @@ class Agent:
         try:
             if graceful:
                 budget = timeout if timeout and timeout > 0 else float("inf")
-                self._coordinate_shutdown(time.monotonic() + budget)
+                if self.membership is not None:
+                    self._leave_group(time.monotonic() + budget)
+                else:
+                    self._coordinate_shutdown(time.monotonic() + budget)
         except RuntimeError as e:
             if self.is_alive(0) or isinstance(e, RPCError):
                 raise
@@ -330,6 +366,24 @@ class Agent:
         if self.rank != 0:
             self.peers.wait_gone(0, min(10.0, left()))
 
+    def _leave_group(self, deadline: float) -> None:
+        """A dynamic group's graceful shutdown: leave it (rank 0, which hosts the store: once
+        every other member has left), as ``services/membership.py`` says."""
+        def finish() -> None:  # every member knows we leave and sends us nothing new
+            self._begin_closing()
+            self._wait_quiet(deadline, "finishing RRef confirmations")
+            self.ctx.delete_all_users()
+            self._wait_quiet(deadline, "deleting RRefs")
+
+        assert self.membership is not None
+        self._wait_quiet(deadline, "finishing this worker's calls")
+        if self.rank == 0:
+            self.membership.close_group(deadline, finish)
+        else:
+            self.membership.leave(deadline, finish)
+        self.membership.record.store = None  # type: ignore[assignment]
+        self._rv = None  # type: ignore[assignment]  # drops the store (rank 0: stops its server)
+
     def _begin_closing(self) -> None:
         """From here on, silence and lost connections are expected: no warnings, no free readings."""
         self._closing = True
@@ -355,4 +409,6 @@ class Agent:
         self._pool.stop()
         self._autograd_pool.stop()
         self.autograd.close()
+        if self.membership is not None:
+            self.membership.record.store = None  # type: ignore[assignment]
         self._rv = None  # type: ignore[assignment]  # drops the store (rank 0: stops its server)

@@ -27,11 +27,19 @@ def init_rpc(
 ) -> None:
     """Start RPC on this process as worker ``name`` and wait until all workers have joined.
 
+    Without a world size (None and no ``WORLD_SIZE`` in the environment, or 0) the worker joins
+    a *dynamic* group, as in torch: it returns once it is connected to every member there is,
+    later members may join, and any member but rank 0 may leave (``shutdown``); rank 0 hosts
+    the store, so its ``shutdown`` waits until every other member has left. A static and a
+    dynamic worker cannot meet in one store (RuntimeError).
+
     Args:
         name: a unique name of this worker.
         backend: accepted for compatibility; torchrpc has one backend.
-        rank: this worker's id in ``[0, world_size)``; -1 reads ``RANK`` from the environment.
-        world_size: the number of workers; None reads ``WORLD_SIZE``.
+        rank: this worker's id in ``[0, world_size)`` (dynamic: ``[0, 2**15)``); -1 reads
+            ``RANK`` from the environment.
+        world_size: the number of workers; None reads ``WORLD_SIZE``, and without it (or with
+            0) the group is dynamic.
         rpc_backend_options: a :class:`RpcBackendOptions` (also importable as
             ``TensorPipeRpcBackendOptions``): timeout, init_method, threads.
     """
@@ -52,10 +60,11 @@ def init_rpc(
     with current.lock:
         if current.get_agent_or_none() is not None:
             raise RPCError("RPC is already initialized on this process; call shutdown() first")
-        _freeze_gc_once()  # before the agent exists: its cycles must stay collectable after shutdown
         # before the store: a job across hosts without a secret fails here, at once
         source = job_secret.choose(options, rdzv.master_host(options.init_method))
+        # the store first: a worker that joins a running group meets it while it is there
         rv = rdzv.rendezvous(options.init_method, rank, world_size, options.startup_timeout)
+        _freeze_gc_once()  # before the agent exists: its cycles must stay collectable after shutdown
         agent = Agent(name, rv.rank, rv.world_size, options, rv, source)
         # current before start: peers that finish first may already call into us
         current.set_agent(agent)

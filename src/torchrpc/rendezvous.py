@@ -3,6 +3,9 @@
 ``env://`` reads MASTER_ADDR / MASTER_PORT (and RANK / WORLD_SIZE when not
 given), as torchrun sets them; ``tcp://host:port`` names the TCPStore directly;
 ``file://path`` uses a FileStore. Rank 0 hosts the TCPStore.
+
+Without a world size (none passed, no ``WORLD_SIZE``, or 0) the group is *dynamic*, as in
+torch: ranks join and leave a running group (see ``group.py``).
 """
 from __future__ import annotations
 
@@ -19,15 +22,21 @@ from urllib.parse import urlparse
 import torch.distributed as dist
 
 from .errors import RPCTimeoutError
+from .group import MAX_RANK, claim_kind
 
 
 @dataclass
 class Rendezvous:
     store: dist.Store
     rank: int
-    world_size: int
+    #: None: a dynamic group (ranks join and leave)
+    world_size: Optional[int]
     #: the host other workers reach the store at; this worker listens on an address reaching it
     master_host: Optional[str]
+
+    @property
+    def dynamic(self) -> bool:
+        return self.world_size is None
 
 
 def _env_int(name: str) -> int:
@@ -40,17 +49,39 @@ def _env_int(name: str) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
+def _missing_rank(init_method: str) -> ValueError:
+    # both of torch's phrases: "rank parameter missing" (tcp://, file://) and, as env:// says it,
+    # "environment variable RANK expected, but not set"
+    scheme = urlparse(init_method).scheme or init_method
+    return ValueError(f"Error initializing torchrpc using {scheme}:// rendezvous: rank parameter missing, and "
+                      "environment variable RANK expected, but not set: pass rank= to init_rpc or set RANK")
+
+
 def rendezvous(init_method: str, rank: int, world_size: Optional[int], timeout: float) -> Rendezvous:
-    """Open the store named by ``init_method``; rank and world size default from the env."""
+    """Open the store named by ``init_method``; rank and world size default from the env.
+
+    ``world_size`` None with no ``WORLD_SIZE`` in the environment, or 0, makes a dynamic
+    group (``Rendezvous.world_size`` None), whose ranks are in ``[0, 2**15)``."""
     if rank is None or rank < 0:
+        if not os.environ.get("RANK"):
+            raise _missing_rank(init_method)
         rank = _env_int("RANK")
-    if world_size is None:
+    if world_size is None and os.environ.get("WORLD_SIZE"):
         world_size = _env_int("WORLD_SIZE")
-    if not (isinstance(world_size, int) and world_size >= 1):
+    if not world_size:  # as torch: no world size is a dynamic group
+        world_size = None
+        if rank >= MAX_RANK:
+            raise ValueError(f"rank {rank} is out of range for a dynamic group: ranks are below {MAX_RANK}")
+    elif not (isinstance(world_size, int) and world_size >= 1):
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
-    if not 0 <= rank < world_size:
+    elif not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is out of range for world_size {world_size}")
-    td = timedelta(seconds=timeout)
+    rv = _open(init_method, rank, world_size, timedelta(seconds=timeout))
+    claim_kind(rv.store, rv.dynamic)  # at once: a static and a dynamic worker never meet
+    return rv
+
+
+def _open(init_method: str, rank: int, world_size: Optional[int], td: timedelta) -> Rendezvous:
     url = urlparse(init_method)
     if url.scheme == "env":
         host = os.environ.get("MASTER_ADDR")
@@ -66,7 +97,7 @@ def rendezvous(init_method: str, rank: int, world_size: Optional[int], timeout: 
         return Rendezvous(_tcp_store(url.hostname, url.port, rank, world_size, td), rank, world_size, url.hostname)
     if url.scheme == "file":
         path = url.path or url.netloc
-        store = dist.FileStore(path, world_size)
+        store = dist.FileStore(path, world_size or -1)
         store.set_timeout(td)
         return Rendezvous(store, rank, world_size, None)
     raise ValueError(f"unsupported init_method {init_method!r}: use env://, tcp://host:port or file://path")
@@ -82,7 +113,7 @@ def master_host(init_method: str) -> Optional[str]:
     return None
 
 
-def _tcp_store(host: str, port: int, rank: int, world_size: int, timeout: timedelta) -> dist.Store:
+def _tcp_store(host: str, port: int, rank: int, world_size: Optional[int], timeout: timedelta) -> dist.Store:
     # multi_tenant: a process group initialized on the same MASTER_ADDR:MASTER_PORT (gloo, before
     # or after init_rpc) shares this process's store server, as torch's init_rpc shares it
     return dist.TCPStore(

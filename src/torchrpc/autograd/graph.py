@@ -45,7 +45,7 @@ def describe(context_id: int) -> dict[str, Any]:
         if id(s.variable) in recv_of:
             recv_nodes.setdefault(recv_of[id(s.variable)], []).append(id(s))
     return {"worker": agent.name, "nodes": nodes, "edges": edges, "sends": send_nodes,
-            "recvs": {ag: recv_nodes.get(ag, []) for ag in recvs}, "peers": [agent.workers[p].name for p in peers]}
+            "recvs": {ag: recv_nodes.get(ag, []) for ag in recvs}, "peers": [agent.peers.name_of(p) for p in peers]}
 
 
 def to_dot(context_id: int) -> str:

@@ -39,6 +39,7 @@ class MessageType(enum.IntEnum):
     EXCEPTION = 11
     HELLO = 12
     HEARTBEAT = 13
+    MEMBERSHIP = 14
     # distributed autograd
     FORWARD_AUTOGRAD = 20
     BACKWARD_DISCOVER = 21
@@ -415,6 +416,18 @@ class Heartbeat(Message):
 
     TYPE = MessageType.HEARTBEAT
     msg_id: U64
+
+
+@dataclass(slots=True)
+class Membership(Message):
+    """In a dynamic group, the sender (``worker_id``) has joined (``joined``) or is leaving:
+    the receiver acks (RREF_ACK) once it has added the sender, or once nothing of its own
+    waits on the sender any more (torch's ``_update_group_membership``)."""
+
+    TYPE = MessageType.MEMBERSHIP
+    msg_id: U64
+    worker_id: U32
+    joined: bool
 
 
 # --- distributed autograd ------------------------------------------------------

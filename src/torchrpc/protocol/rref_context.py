@@ -374,6 +374,19 @@ class RRefContext:
         self._settled([u.fork_id for u in users])
         del parents, users
 
+    def forget_owner(self, worker_id: int) -> None:
+        """``worker_id`` left a dynamic group (or died there): its user RRefs here will never send
+        a delete, since a new member may take its id and must not receive deletes of RRefs that
+        were never its own."""
+        with self._lock:
+            users = [u for u in self.confirmed_users.values() if u.owner_id == worker_id]
+            for u in users:
+                del self.confirmed_users[u.fork_id]
+        for user in users:
+            if user._finalizer is not None:
+                user._finalizer.detach()
+                user._finalizer = None  # not deleted: using it says that its owner is gone
+
     def _del_fork(self, rref_id: GloballyUniqueId, fork_id: GloballyUniqueId) -> OwnerRRef | None:
         forks = self.forks.get(rref_id)
         if forks is None:

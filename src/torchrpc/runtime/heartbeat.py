@@ -25,8 +25,9 @@ class Heartbeats:
         self._peers = peers
         self._lost = lost
         self.interval = HEARTBEAT_INTERVAL if interval is None else interval
-        #: peer -> (frames sent, bytes arrived, when the sent count last moved, when input last moved)
-        self._seen: dict[int, tuple[int, int, float, float]] = {}
+        #: peer -> (frames sent, bytes arrived, when the sent count last moved, when input last moved,
+        #: the connection counted)
+        self._seen: dict[int, tuple[int, int, float, float, Connection]] = {}
         self.last_heard: dict[int, float] = {}  # peer -> when a frame last came from it
         self.quiet = False  # set during shutdown: silence is then expected
         self._beat = m.Heartbeat(0).encode()
@@ -37,9 +38,11 @@ class Heartbeats:
         for peer, conn in self._peers.peers():
             sent, received = conn.frames_sent, getattr(conn, "bytes_arriving", conn.frames_received)
             prev = self._seen.get(peer)
+            if prev is not None and prev[4] is not conn:  # a dynamic group's new member with the same id
+                prev = None
             t_sent = now if prev is None or sent != prev[0] else prev[2]
             t_recv = now if prev is None or received != prev[1] else prev[3]
-            self._seen[peer] = (sent, received, t_sent, t_recv)
+            self._seen[peer] = (sent, received, t_sent, t_recv, conn)
             self.last_heard[peer] = t_recv
             if now - t_recv > interval * HEARTBEAT_MISSES and not self.quiet:
                 self._lost(peer, conn, f"no heartbeat for {now - t_recv:.1f} s")
