@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 
 from . import workloads
-from .workloads import Backend, Stage, _ns, identity, percentile
+from .workloads import Backend, Stage, _ns, percentile
 
 
 def _b() -> Backend:
@@ -111,16 +111,21 @@ def drive_w10(B: Backend, p: dict, stage: Stage) -> dict:
                     raise AssertionError(f"W10 {shape}: wrong gradient after RRef.backward: {grad}")
         return dt
 
-    stage(f"{shape} warm-up")
-    for i in range(p["warmup"]):
-        one(check=(i == 0))
-    stage(f"{shape} timing")
-    times = [one(check=False) for _ in range(p["iters"])]
-    return {f"p50_us_{shape}": percentile(times, 50) / 1e3}
+    return {f"p50_us_{shape}": _p50_us(one, p, stage, shape)}
 
 # --------------------------------------------------------------------------------------
 # W11: a nested chain with distributed backward
 # --------------------------------------------------------------------------------------
+
+
+def _p50_us(one: Callable[[bool], int], p: dict, stage: Stage, what: str) -> float:
+    """Warm up with ``one(check)`` (checking the first result), then time ``p["iters"]`` steps:
+    their p50 in us."""
+    stage(f"{what} warm-up")
+    for i in range(p["warmup"]):
+        one(i == 0)
+    stage(f"{what} timing")
+    return percentile([one(False) for _ in range(p["iters"])], 50) / 1e3
 
 
 def chain_hop(x: torch.Tensor, rest: list[str]) -> torch.Tensor:
@@ -148,12 +153,7 @@ def drive_w11(B: Backend, p: dict, stage: Stage) -> dict:
                     raise AssertionError(f"W11 depth {depth}: wrong gradient {grad}")
         return dt
 
-    stage(f"depth {depth} warm-up")
-    for i in range(p["warmup"]):
-        one(check=(i == 0))
-    stage(f"depth {depth} timing")
-    times = [one(check=False) for _ in range(p["iters"])]
-    return {f"p50_us_d{depth}": percentile(times, 50) / 1e3}
+    return {f"p50_us_d{depth}": _p50_us(one, p, stage, f"depth {depth}")}
 
 # --------------------------------------------------------------------------------------
 # W12: a 4-stage pipeline with micro-batches in flight
@@ -321,22 +321,9 @@ def drive_w13(B: Backend, p: dict, stage: Stage) -> dict:
 
 
 def drive_w14(B: Backend, p: dict, stage: Stage) -> dict:
-    rpc, peer = B.rpc, "worker1"
     out = {}
     for label, nbytes, warmup, iters in p["sizes"]:
-        t = torch.randn(nbytes // 4)
-        stage(f"{label} warm-up")
-        for i in range(warmup):
-            r = rpc.rpc_sync(peer, identity, args=(t,))
-            if i == 0 and not torch.equal(r, t):
-                raise AssertionError(f"W14 {label}: the tensor came back different")
-            del r
-        stage(f"{label} timing")
-        times = []
-        for _ in range(iters):
-            t0 = _ns()
-            rpc.rpc_sync(peer, identity, args=(t,))
-            times.append(_ns() - t0)
+        times = workloads.tensor_round_trips(B, f"W14 {label}", nbytes, warmup, iters, stage)
         out[f"p50_us_{label}"] = percentile(times, 50) / 1e3
     return out
 

@@ -175,25 +175,30 @@ def drive_w2(B: Backend, p: dict, stage: Stage) -> dict:
     return {"calls_per_s": p["iters"] / dt}
 
 
+def tensor_round_trips(B: Backend, label: str, nbytes: int, warmup: int, iters: int, stage: Stage) -> list[int]:
+    """``rpc_sync(identity, t)`` of an ``nbytes`` tensor to worker1: checked once in the
+    warm-up, then ``iters`` timed calls (ns each)."""
+    t = torch.randn(nbytes // 4)
+    stage(f"{label} warm-up")
+    for i in range(warmup):
+        r = B.rpc.rpc_sync("worker1", identity, args=(t,))
+        if i == 0 and not torch.equal(r, t):
+            raise AssertionError(f"{label} tensor came back different")
+        del r
+    stage(f"{label} timing")
+    times = []
+    for _ in range(iters):
+        t0 = _ns()
+        B.rpc.rpc_sync("worker1", identity, args=(t,))
+        times.append(_ns() - t0)
+    return times
+
+
 def drive_w3(B: Backend, p: dict, stage: Stage) -> dict:
     """Tensor round trip: identity(tensor), GB/s = 2 * size / median call time."""
-    rpc, peer = B.rpc, "worker1"
     out = {}
     for label, nbytes, warmup, iters in p["sizes"]:
-        t = torch.randn(nbytes // 4)
-        stage(f"{label} warm-up")
-        r = None
-        for i in range(warmup):
-            r = rpc.rpc_sync(peer, identity, args=(t,))
-            if i == 0 and not torch.equal(r, t):
-                raise AssertionError(f"{label} tensor came back different")
-        del r
-        stage(f"{label} timing")
-        times = []
-        for _ in range(iters):
-            t0 = _ns()
-            rpc.rpc_sync(peer, identity, args=(t,))
-            times.append(_ns() - t0)
+        times = tensor_round_trips(B, label, nbytes, warmup, iters, stage)
         out[f"gbps_{label}"] = 2 * nbytes / (percentile(times, 50) / 1e9) / 1e9
     return out
 
