@@ -43,7 +43,7 @@ def _survivor(rank, world_size, ready, killed):
         # the others keep working among themselves, RRefs included
         out["others"] = (rpc.rpc_sync("worker2", whoami), rpc.remote("worker2", make_tracked, args=("x",)).to_here().tag)
     elif rank == 1:
-        ready.wait(30)
+        # not ready.wait(): stopped while holding the event's lock, it would block worker2 in it
         time.sleep(60)  # killed by the test meanwhile
     else:
         ready.wait(30)
@@ -126,7 +126,7 @@ def _frozen_peer(rank, world_size, ready, started):
         out["took"] = time.monotonic() - t0
         out["others"] = rpc.rpc_sync("worker2", whoami)
     elif rank == 1:
-        ready.wait(30)
+        # not ready.wait(): stopped while holding the event's lock, it would block worker2 in it
         time.sleep(60)
     else:
         ready.wait(30)

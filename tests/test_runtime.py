@@ -27,7 +27,7 @@ from torchrpc.runtime.faults import Faults, FaultyConnection
 from torchrpc.runtime.heartbeat import HEARTBEAT_MISSES, Heartbeats
 from torchrpc.runtime.lease import Leases, LeaseState, ReadLease
 from torchrpc.runtime.peers import PeerTable
-from torchrpc.runtime.pending import ANYONE, CLAIM, WAITER, PendingTable
+from torchrpc.runtime.pending import ANYONE, WAITER, PendingTable
 from torchrpc.runtime.reader import Readers
 from torchrpc.runtime.registry import Handler, HandlerRegistry, Run
 from torchrpc.runtime.watchdog import Watchdog
@@ -85,7 +85,7 @@ def run_threads(target, n: int, *args) -> None:
 def test_pending_ids_increase_and_entries_keep_what_was_added():
     table = PendingTable(clock=FakeClock())
     cb = Calls()
-    ids = [table.add(i % 3, f"req{i}", 0, cb, reader=r) for i, r in enumerate([CLAIM, WAITER, ANYONE, CLAIM])]
+    ids = [table.add(i % 3, f"req{i}", 0, cb, reader=r) for i, r in enumerate([ANYONE, WAITER, ANYONE, ANYONE])]
     assert ids == sorted(ids) and len(set(ids)) == 4 and ids[0] >= 1
     e = table.get(ids[1])
     assert (e.dest, e.desc, e.timeout, e.deadline, e.callback, e.reader) == (1, "req1", 0, 0.0, cb, WAITER)
@@ -343,46 +343,45 @@ def test_lease_leave_free_and_take_free_once():
     leases, ls = Leases(), lease(3)
     assert leases.take_free(3) is None
     leases.leave_free(ls, 7.0)
-    assert ls.state is LeaseState.FREE and ls.since == 7.0 and leases.active
+    assert ls.state is LeaseState.FREE and ls.since == 7.0
+    assert not leases.active  # a free lease is the watcher's, not the monitor's
     assert leases.take_free(2) is None
     assert leases.take_free(3) is ls
-    assert ls.state is LeaseState.READING and not leases.active
+    assert ls.state is LeaseState.READING
     assert leases.take_free(3) is None
 
 
-def test_lease_keep_read_blocks_leaving_free_until_the_time():
-    leases = Leases()
-    assert leases.may_leave_free(1, 0.0)
-    leases.keep_read(1, 10.0)
-    assert not leases.may_leave_free(1, 9.99)
-    assert leases.may_leave_free(1, 10.0)
-    assert leases.may_leave_free(2, 0.0)  # per peer
+def test_lease_take_takes_only_that_lease():
+    leases, old, new = Leases(), lease(3), lease(3)
+    assert not leases.take(old)  # not free
+    leases.leave_free(old, 1.0)
+    assert leases.take(old) and old.state is LeaseState.READING
+    assert not leases.take(old)  # once
+    # a newer connection's lease for the same peer is free: the watcher's stale wake-up for
+    # the old one must not take it, and must leave it free
+    leases.leave_free(new, 2.0)
+    assert not leases.take(old)
+    assert leases.free == {3: new} and new.state is LeaseState.FREE
+    assert leases.take_free(3) is new
 
 
-def test_lease_overdue_picks_only_leases_past_the_thresholds():
+def test_lease_overdue_picks_only_leases_past_the_threshold():
     leases = Leases()
-    old, young, free_old, free_young = lease(1), lease(2), lease(3), lease(4)
+    old, young, free = lease(1), lease(2), lease(3)
     leases.begin_frame(old, 0.0)
     leases.begin_frame(young, 9.5)
-    leases.leave_free(free_old, 5.0)
-    leases.leave_free(free_young, 9.75)
-    busy, free = leases.overdue(10.0, busy_after=1.0, free_after=1.0)
-    assert busy == [old] and free == [3]
-    # at the threshold exactly: overdue
-    busy, free = leases.overdue(10.0, busy_after=0.5, free_after=5.0)
-    assert set(busy) == {old, young} and free == [3]
-    busy, free = leases.overdue(10.0, busy_after=0.5 + 1e-9, free_after=5.0 + 1e-9)
-    assert busy == [old] and free == []
-    busy, free = leases.overdue(20.0, busy_after=1.0, free_after=1.0)
-    assert set(busy) == {old, young} and sorted(free) == [3, 4]
+    leases.leave_free(free, 0.0)
+    assert leases.overdue(10.0, busy_after=1.0) == [old]
+    # at the threshold exactly: overdue; free leases never are
+    assert set(leases.overdue(10.0, busy_after=0.5)) == {old, young}
+    assert leases.overdue(10.0, busy_after=0.5 + 1e-9) == [old]
     # overdue only reports: the caller still races for them
-    assert leases.end_frame(old) and leases.take_free(3) is free_old
-    busy, free = leases.overdue(20.0, busy_after=1.0, free_after=1.0)
-    assert busy == [young] and free == [4]
+    assert leases.end_frame(old)
+    assert leases.overdue(20.0, busy_after=1.0) == [young]
     # a lease that began a new frame is judged from its new start
     assert leases.end_frame(young)
     leases.begin_frame(young, 19.5)
-    assert leases.overdue(20.0, busy_after=1.0, free_after=1.0)[0] == []
+    assert leases.overdue(20.0, busy_after=1.0) == []
 
 
 def test_lease_end_frame_race_has_exactly_one_winner():
@@ -429,7 +428,7 @@ def test_lease_take_free_race_has_exactly_one_winner():
 
         run_threads(racer, 6)
     assert sorted(p for g in got for p in g) == list(range(rounds))
-    assert not leases.active
+    assert not leases.free
 
 
 # =====================================================================================
@@ -555,7 +554,7 @@ def test_dispatch_forward_autograd_request_returns_its_tag(d):
     assert got == tag and isinstance(got, m.AutogradTag)
 
 
-@pytest.mark.parametrize("who, expected", [(WAITER, "LED"), (CLAIM, None), (ANYONE, None)])
+@pytest.mark.parametrize("who, expected", [(WAITER, "LED"), (ANYONE, None)])
 def test_dispatch_reply_completes_the_pending_callback(d, who, expected):
     cb = Calls()
     i = d.pending.add(1, "call", 5.0, cb, reader=who)

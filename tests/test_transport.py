@@ -287,6 +287,36 @@ def test_deferred_frames_wait_for_the_next_send_and_keep_their_order(pair):
     assert client.frames_sent == server.frames_received == 3
 
 
+def test_idle_until_the_first_byte_of_a_frame_and_fileno_shows_it(listener):
+    # The reader's watcher waits on fileno() only while the connection is idle: a frame whose
+    # start is already in the connection's buffer must not count as idle (epoll would not show
+    # it), or a reader would leave a half-read frame to a watcher that never wakes for it.
+    import select
+
+    with raw_client(listener) as (sock, conn):
+        fd = conn.fileno()
+        assert fd is not None and fd >= 0
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        assert conn.idle() and not poller.poll(0)
+        payload = bytes(range(256)) * 1024  # 256 KiB: larger than the receive buffer
+        frame = struct.pack("<IQ", 1, len(payload)) + payload
+        sock.sendall(frame[:1000])  # the header and the start of the buffer
+        deadline = time.monotonic() + 5
+        while conn.idle():
+            assert time.monotonic() < deadline, "the start of the frame never arrived"
+            time.sleep(0.001)
+        assert not conn.pending_input() and not conn.idle()  # begun, not whole
+        rest = Bg(sock.sendall, frame[1000:])
+        assert as_bytes(conn.recv()) == [payload]
+        rest.result()
+        assert conn.idle() and not poller.poll(0)
+        sock.sendall(struct.pack("<IQ", 1, 1) + b"x")
+        assert poller.poll(5000)  # something arrived: the descriptor says so
+        assert not conn.idle() and conn.pending_input()
+        assert as_bytes(conn.recv()) == [b"x"]
+
+
 def test_flush_sends_deferred_frames(pair):
     client, server = pair
     for i in range(100):

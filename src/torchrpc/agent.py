@@ -132,6 +132,7 @@ class Agent:
                 self.membership.register(self.registry)
             self._spawn(self.watchdog.run, "watchdog", self._stop)
             self._spawn(self.readers.monitor, "monitor", self._stop)
+            self.readers.start_watching()
             self._spawn(self.heartbeats.run, "heartbeat", self._stop)
             self._spawn(self._accept_loop, "acceptor")
             if self.membership is not None:
@@ -408,6 +409,7 @@ class Agent:
         self.endpoint.fail_all(RPCError(f"RPC on worker {self.name!r} was shut down"))
         self._pool.stop()
         self._autograd_pool.stop()
+        self.readers.close()
         self.autograd.close()
         if self.membership is not None:
             self.membership.record.store = None  # type: ignore[assignment]

@@ -20,7 +20,7 @@ from ..options import UNSET_RPC_TIMEOUT
 from ..protocol import messages as m
 from ..transport import ConnectionClosed
 from .peers import PeerTable
-from .pending import ANYONE, CLAIM, WAITER, Pending, PendingTable, ReplyCallback
+from .pending import ANYONE, WAITER, Pending, PendingTable, ReplyCallback
 from .pool import Pool
 from .reader import Readers
 
@@ -100,21 +100,18 @@ class Endpoint:
             raise self.peers.unavailable(dest, e) from e
 
     def request(self, dest: int, msg: m.Message, timeout: float, desc: str, callback: ReplyCallback,
-                tag: Optional[m.AutogradTag] = None, defer: bool = False, reader: str = CLAIM) -> int:
+                tag: Optional[m.AutogradTag] = None, defer: bool = False, reader: str = ANYONE) -> int:
         """Send a request; ``callback(reply, error)`` runs exactly once (reply, timeout or
         failure). Its message id.
 
-        If nobody reads ``dest``'s connection now, ``CLAIM`` gives the reading to a pool
-        thread at once. Otherwise the reply waits for the thread that waits for it
-        (``WAITER``: :meth:`Readers.wait_reply`), or for whoever reads next (``ANYONE``), the
-        monitor at the latest."""
+        The reply is read by the thread that waits for it if nobody else reads ``dest``'s
+        connection then (``WAITER``: :meth:`Readers.wait_reply`), else by whoever reads it:
+        a reader, or the watcher of free connections (``ANYONE``)."""
         if not defer:
             self.readers.hand_off()  # a reader that sends a request likely waits for the reply
             if self._later:
                 self.send_later(dest)
         msg_id = msg.msg_id = self.pending.add(dest, desc, timeout, callback, reader)
-        if reader is CLAIM:  # after the entry above: see Readers._leave_free
-            self.readers.claim_free(dest)
         try:
             self.send(dest, (tag.wrap(msg) if tag else msg).encode(), defer)
         except BaseException:
@@ -144,7 +141,7 @@ class Endpoint:
 
         try:
             self.check_open()
-            self.request(dest, msg, self.rpc_timeout, type(msg).__name__, on_reply, reader=WAITER if lead else CLAIM)
+            self.request(dest, msg, self.rpc_timeout, type(msg).__name__, on_reply, reader=WAITER if lead else ANYONE)
         except BaseException as e:
             fut.set_exception(e)
         return fut
@@ -173,9 +170,7 @@ class Endpoint:
         if self.rpc_timeout:
             timeout = min(timeout, self.rpc_timeout)
         try:
-            # an ack nobody waits for (a delete, a cleanup) can wait for the next reader
-            self.request(dest, msg, timeout, type(msg).__name__, on_reply, defer=defer,
-                         reader=ANYONE if on_done is None else CLAIM)
+            self.request(dest, msg, timeout, type(msg).__name__, on_reply, defer=defer)
         except BaseException as e:
             on_reply(None, e)
 

@@ -8,9 +8,9 @@ Each connection has one lease, and at any moment it is in one of three states:
   who reads next: the holder, done with the frame (back to ``READING``), or a hand-off
   (the holder is about to wait, or the monitor found it stuck): then a pool thread reads
   on, and the old holder, when it looks, finds the lease gone;
-* ``FREE``: nobody reads it, since nothing is expected on it. The next thread that waits
-  for a reply from that peer, a request whose reply nobody waits for, or the monitor
-  takes it.
+* ``FREE``: nobody reads it, since nothing has arrived on it. The reader's watcher (one
+  thread waiting on every free connection at once) takes it when input arrives, unless
+  a thread that waits for a reply from that peer took it first to read the reply itself.
 
 Every transition that two threads may race for is one atomic ``dict.pop`` (under the GIL,
 no lock): exactly one of the racers wins it. Nothing here does I/O.
@@ -51,7 +51,6 @@ class Leases:
     def __init__(self) -> None:
         self.busy: dict[ReadLease, ReadLease] = {}
         self.free: dict[int, ReadLease] = {}  # peer -> its lease
-        self._keep_read: dict[int, float] = {}  # peer -> until when its lease is not left free
 
     def begin_frame(self, lease: ReadLease, now: float) -> None:
         """READING -> BUSY: the holder handles a frame it read."""
@@ -71,9 +70,6 @@ class Leases:
         """Whether ``lease`` (this thread's) is ``peer``'s and still BUSY with this thread's frame."""
         return lease is not None and lease.peer == peer and lease in self.busy
 
-    def may_leave_free(self, peer: int, now: float) -> bool:
-        return now >= self._keep_read.get(peer, 0.0)
-
     def leave_free(self, lease: ReadLease, now: float) -> None:
         """READING -> FREE."""
         lease.since = now
@@ -87,21 +83,26 @@ class Leases:
             lease.state = LeaseState.READING
         return lease
 
-    def keep_read(self, peer: int, until: float) -> None:
-        """Do not leave ``peer``'s lease free before ``until`` (the peer starts requests)."""
-        self._keep_read[peer] = until
+    def take(self, lease: ReadLease) -> bool:
+        """FREE -> READING for the caller, if ``lease`` itself is free and nobody was first."""
+        if self.free.get(lease.peer) is not lease:
+            return False
+        got = self.free.pop(lease.peer, None)
+        if got is lease:
+            lease.state = LeaseState.READING
+            return True
+        if got is not None:  # a newer connection's lease, left free in between: not ours to take
+            self.free.setdefault(got.peer, got)
+        return False
 
-    def overdue(self, now: float, busy_after: float, free_after: float) -> tuple[list[ReadLease], list[int]]:
-        """The BUSY leases whose frame has taken ``busy_after`` s, and the peers whose lease has
-        been FREE for ``free_after`` s (taken by nobody yet: the caller races for them)."""
-        busy = [lease for lease in list(self.busy) if now - lease.since >= busy_after]
-        free = [peer for peer, lease in list(self.free.items()) if now - lease.since >= free_after]
-        return busy, free
+    def overdue(self, now: float, busy_after: float) -> list[ReadLease]:
+        """The BUSY leases whose frame has taken ``busy_after`` s (the caller races for them)."""
+        return [lease for lease in list(self.busy) if now - lease.since >= busy_after]
 
     @property
     def active(self) -> bool:
-        """Whether any lease is BUSY or FREE (the monitor has work)."""
-        return bool(self.busy or self.free)
+        """Whether any lease is BUSY (the monitor has work)."""
+        return bool(self.busy)
 
     def clear(self) -> None:
         self.free.clear()

@@ -11,10 +11,10 @@ from ..protocol import messages as m
 
 ReplyCallback = Callable[[Optional[m.Message], Optional[BaseException]], None]
 
-#: Who reads a request's reply: a pool thread, found at once if nobody reads the
-#: connection (CLAIM); the thread that waits for it (WAITER); or whoever reads the
-#: connection next (ANYONE: an ack nobody waits for). See runtime/reader.py.
-CLAIM, WAITER, ANYONE = "claim", "waiter", "anyone"
+#: Who reads a request's reply: the thread that waits for it, when nobody else reads the
+#: connection (WAITER); or whoever reads it (ANYONE: a reader, or the watcher of free
+#: connections). See runtime/reader.py.
+WAITER, ANYONE = "waiter", "anyone"
 
 
 class Pending:
@@ -23,7 +23,7 @@ class Pending:
     __slots__ = ("dest", "desc", "deadline", "timeout", "callback", "reader")
 
     def __init__(self, dest: int, desc: str, deadline: float, timeout: float, callback: ReplyCallback,
-                 reader: str = CLAIM) -> None:
+                 reader: str = ANYONE) -> None:
         self.dest = dest
         self.desc = desc
         self.deadline = deadline  # 0: none
@@ -48,7 +48,7 @@ class PendingTable:
         self._deadlines: list[tuple[float, int]] = []  # a heap; entries popped early stay until due
         self._lock = threading.Lock()
 
-    def add(self, dest: int, desc: str, timeout: float, callback: ReplyCallback, reader: str = CLAIM) -> int:
+    def add(self, dest: int, desc: str, timeout: float, callback: ReplyCallback, reader: str = ANYONE) -> int:
         """Register a request to ``dest`` that times out after ``timeout`` s (0: never); its id."""
         msg_id = next(self._ids)
         deadline = self.clock() + timeout if timeout > 0 else 0.0

@@ -1,5 +1,5 @@
-"""Who reads each connection: the reader loop, the waiting thread that reads its own reply,
-and the monitor that hands readings on.
+"""Who reads each connection: the watcher, the reader loop, the waiting thread that reads
+its own reply, and the monitor that hands readings on.
 
 Each connection has one read lease (:mod:`.lease`). Its holder, a pool thread, decodes
 frames, completes the futures of replies and serves small requests itself, inline (no
@@ -9,17 +9,24 @@ request it sends, a send the socket cannot take at once (a reader blocked in a s
 stop both peers reading: a deadlock when two large messages cross); and the monitor hands
 it on for it when a request runs longer than ``HANDOFF_AFTER`` (user code that blocks).
 
+Once nothing has arrived on a connection, its reader leaves the lease free and the
+connection to the *watcher*: one thread that waits on every free connection at once
+(``epoll``) and, when input arrives, takes that lease and reads it itself. A server with
+many clients then has one thread doing the reading, not one blocked thread per client:
+no thread wakes another, and no readers fight over the interpreter lock. The watcher is a
+role, not a fixed thread: while it has been reading one connection for longer than
+``HANDOFF_AFTER`` (user code that blocks, a long stream of frames), the monitor gives the
+role to a pool thread and the old holder reads on as a plain reader.
+
 A thread that sends a request and waits for the reply at once reads the connection itself
 when nobody else does (:meth:`Readers.wait_reply`), polling before it blocks: no thread
-has to wake another to hand it the reply. Once nothing is expected on a connection, the
-lease is left free for the next such thread; a request nobody will wait for at once
-takes it for a pool thread, and the monitor gives a lease left free to a pool thread
-after ``FREE_FOR`` (for requests the peer starts).
+has to wake another to hand it the reply.
 """
 from __future__ import annotations
 
 import logging
 import os
+import select
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -47,20 +54,17 @@ HANDOFF_AFTER = 0.004
 #: followed by one that runs long, until the monitor hands the reading on).
 FLUSH_AFTER = 64
 QUICK_S = 200e-6
-#: A reader that has just served a request polls its socket this long before it blocks:
-#: the next request often follows within a round trip, and waking a blocked thread costs
-#: ~25 us on a VM whose idle CPU has halted (a Python TCP ping-pong: 54 us blocking, 7 us
-#: polling). Only after a request: a reader that completed a reply has woken the thread
-#: waiting for it, which needs the GIL that polling would hold. Adaptive: a reader stops
-#: polling once polls keep coming up empty, and starts again when a request follows its
-#: last one within this time. 0 turns polling off.
+#: The watcher, after serving a request, and a thread waiting for its reply poll for input
+#: this long before they block: the next frame often follows within a round trip, and
+#: waking a blocked thread costs ~25 us on a VM whose idle CPU has halted (a Python TCP
+#: ping-pong: 54 us blocking, 7 us polling). Only after a request: a reader that completed
+#: a reply has woken the thread waiting for it, which needs the GIL that polling would
+#: hold. Adaptive: polling stops once polls keep coming up empty, and starts again when a
+#: frame follows the last one within this time. A poller yields its CPU between polls: with
+#: more runnable threads than cores (a pipeline, many trainers on two cores) the peer it
+#: waits for may need that CPU; with none, ``sched_yield`` returns at once. 0 turns polling off.
 SPIN_S = float(os.environ.get("TORCHRPC_SPIN_US", "200")) / 1e6
 MONITOR_PARK_AFTER = 0.25
-#: A lease left free goes to a pool thread once it has stayed free this long, for requests
-#: the peer starts; the monitor looks every HANDOFF_AFTER.
-FREE_FOR = HANDOFF_AFTER
-#: ... and, if a frame was waiting there, the connection is not left free for this long.
-KEEP_READ_S = 1.0
 #: A thread reading its own reply looks at its future this often while no frame comes:
 #: a timeout or a failure may end it without one.
 LEAD_WAIT_S = 0.05
@@ -73,6 +77,9 @@ LED: Any = object()
 NOTHING: Any = object()
 
 _tls = threading.local()
+#: what the watcher waits for on a free connection: input or its end, once (re-armed when
+#: the lease is left free again, so exactly one wake-up per arrival)
+_WATCH = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT if hasattr(select, "epoll") else 0
 
 
 class Readers:
@@ -92,6 +99,18 @@ class Readers:
         self._closing = closing
         self._monitor_wake = threading.Event()
         self._monitor_parked = False
+        # the watcher: an epoll set of the free connections, and who holds the role
+        self._epoll = select.epoll() if _WATCH else None
+        self._watched: dict[int, ReadLease] = {}  # fd -> the lease left free with it
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) if _WATCH else -1
+        if self._epoll is not None:
+            self._epoll.register(self._wake_fd, select.EPOLLIN)
+        self._watch_lock = threading.Lock()
+        self._watcher = 0  # the generation of the role; a holder of an older one steps down
+        #: (generation, since) while the watcher reads a connection: the monitor looks at it
+        self._watcher_reading: Optional[tuple[int, float]] = None
+        self._watch_spin = 1
+        self._stopped = False
 
     # --- what other parts ask --------------------------------------------------------
 
@@ -107,16 +126,11 @@ class Readers:
     def hand_off(self) -> None:
         """If this thread is a reader handling a frame, pass the reading to another pool thread
         (a handler about to do something slow calls this: the connection's other messages
-        must not wait for it)."""
+        must not wait for it); if it holds the watcher's role, pass that on too."""
+        watcher = getattr(_tls, "watcher", None)
+        if watcher is not None:
+            self._replace_watcher(watcher)
         self._pass(getattr(_tls, "lease", None))
-
-    def claim_free(self, peer: int) -> None:
-        """A request to ``peer`` whose reply nobody waits for at once was registered: if nobody
-        reads ``peer``'s connection, a pool thread takes it (after the registration: see
-        :meth:`_leave_free`)."""
-        lease = self.leases.take_free(peer)
-        if lease is not None:
-            self._pool.submit(self._read_loop, peer, lease.conn, lease)
 
     def wait_reply(self, fut: torch.futures.Future, dest: int) -> None:
         """Before waiting on ``fut``, the reply of a request to ``dest``: if nobody reads
@@ -127,12 +141,29 @@ class Readers:
         if not fut.done():
             lease = self.leases.take_free(dest)
             if lease is not None:
+                self._unwatch(lease)
                 self._lead(lease, fut)
 
+    def start_watching(self) -> None:
+        """Give the watcher's role to a pool thread (it keeps it until :meth:`stop`, or until it
+        passes the role on)."""
+        if self._epoll is not None:
+            self._pool.submit(self._watch, 0)
+
     def stop(self) -> None:
-        """Wake the monitor so that it sees the stop event; forget free leases."""
+        """Wake the monitor and the watcher so that they see the stop; forget free leases."""
+        self._stopped = True
         self.leases.clear()
         self._monitor_wake.set()
+        if self._epoll is not None:
+            os.eventfd_write(self._wake_fd, 1)
+
+    def close(self) -> None:
+        """Release the watcher's descriptors (after :meth:`stop`, once the threads are joined)."""
+        if self._epoll is not None:
+            self._epoll.close()
+            os.close(self._wake_fd)
+            self._wake_fd = -1
 
     # --- dispatch --------------------------------------------------------------------
 
@@ -170,29 +201,30 @@ class Readers:
     # --- the reader loop ---------------------------------------------------------------
 
     def _read_loop(self, peer: int, conn: Connection, lease: Optional[ReadLease] = None,
-                   job: Optional[Job] = None) -> None:
-        """Hold the reading of ``conn`` until it is handed on (see :meth:`_read`); ``lease`` and
-        ``job`` are the reading and the request a leader handed over (see :meth:`_lead`)."""
+                   job: Optional[Job] = None) -> bool:
+        """Hold the reading of ``conn`` until it is handed on or left free (see :meth:`_read`);
+        ``lease`` and ``job`` are the reading and the request a leader handed over (see
+        :meth:`_lead`). Whether a request was served last."""
         lease = lease or ReadLease(peer, conn)
         _tls.lease = lease
         set_block_hook(self.hand_off)
         try:
-            self._read(lease, job)
+            return self._read(lease, job)
         finally:
             _tls.lease = None
             set_block_hook(None)
 
-    def _read(self, lease: ReadLease, job: Any = None) -> None:
-        """Read frames; complete replies and serve small requests here, inline.
+    def _read(self, lease: ReadLease, job: Any = None) -> bool:
+        """Read frames; complete replies and serve small requests here, inline, until nothing
+        has arrived: then leave the connection to the watcher (:meth:`_park`).
 
         Leader/follower: before a request that may block, the reading is queued for
         another pool thread, so reading never waits for user code; this thread then
-        serves the request and goes back to the pool. After a reply that a waiting
-        thread reads for itself next time, the reading may be left free (:meth:`_leave_free`).
-        """
+        serves the request and goes back to the pool. Whether the last frame was a request
+        this thread served (the watcher polls after one)."""
         peer, conn, leases = lease.peer, lease.conn, self.leases
         served = FLUSH_AFTER  # first flush what a reader before us left deferred
-        served_request = job is not None
+        served_request = False
         while True:
             if job is None:
                 if conn.has_deferred and (served >= FLUSH_AFTER or not conn.pending_input()):
@@ -200,11 +232,13 @@ class Readers:
                     leases.begin_frame(lease, lease.since)  # a flush that would wait hands the reading on first
                     flushed = self._flush(peer, conn)
                     if not leases.end_frame(lease) or not flushed:
-                        return
+                        return served_request
+                if conn.idle() and self._park(lease):
+                    return served_request
                 served += 1
-                job = self._next_job(lease, poll=served_request)
+                job = self._next_job(lease, poll=False)
                 if job is NOTHING:
-                    return
+                    return served_request
             served_request = job is not None and job is not LED
             if served_request:
                 fn, args, run = job
@@ -227,9 +261,7 @@ class Readers:
                 # its successor looked are ours to send
                 if conn.has_deferred:
                     self._flush(peer, conn)
-                return
-            if job is LED and self._leave_free(lease):
-                return
+                return served_request
             job = None
 
     def _next_job(self, lease: ReadLease, poll: bool, wait: Optional[float] = None) -> Any:
@@ -238,7 +270,7 @@ class Readers:
         (see :meth:`dispatch`). ``NOTHING`` if the connection ended (reported lost) or broke,
         or if nothing came within ``wait`` s."""
         conn = lease.conn
-        if poll and lease.spin > 0 and SPIN_S and not conn.pending_input():
+        if poll and lease.spin > 0 and SPIN_S and conn.idle():
             lease.spin = min(lease.spin + 1, 4) if _poll(conn) else lease.spin - 1
         blocked = time.perf_counter()
         try:
@@ -251,7 +283,7 @@ class Readers:
         except BaseException as e:  # pragma: no cover - a bug
             self._reader_failed(lease.peer, conn, e)
             return NOTHING
-        if lease.spin <= 0 and time.perf_counter() - blocked < SPIN_S:
+        if poll and lease.spin <= 0 and time.perf_counter() - blocked < SPIN_S:
             lease.spin = 1  # polling would have found this one
         self.leases.begin_frame(lease, time.monotonic())
         self._wake_monitor()
@@ -283,31 +315,98 @@ class Readers:
                     return
                 if not self.leases.end_frame(lease):
                     return  # a callback ran long and the monitor handed the reading on
-            if not self._leave_free(lease):
+            if not conn.idle() or not self._park(lease):
                 self._pool.submit(self._read_loop, peer, conn, lease)
         finally:
             _tls.lease = prev_lease
             set_block_hook(prev_hook)
 
-    def _leave_free(self, lease: ReadLease) -> bool:
-        """Leave ``lease``'s connection without a reader if nothing is expected on it: no
-        request of ours to that peer is waiting for a reply, and nothing has arrived. The
-        next request to the peer takes the reading (:meth:`claim_free`, :meth:`wait_reply`);
-        the monitor gives it to a pool thread after ``FREE_FOR`` (for requests the peer
-        starts; where one was waiting, the connection stays read for ``KEEP_READ_S``).
-        Whether the reading was left (False: the caller keeps reading)."""
-        conn, peer, now = lease.conn, lease.peer, time.monotonic()
-        if (conn.has_deferred or self._closing() or self._pending.expects(peer) or conn.pending_input()
-                or not self.leases.may_leave_free(peer, now)):
+    # --- the watcher -------------------------------------------------------------------
+
+    def _park(self, lease: ReadLease) -> bool:
+        """Leave ``lease``'s connection free, to the watcher (or to a thread that waits for a
+        reply from that peer): call only while it is idle. False if it cannot be
+        watched (the caller keeps reading: it blocks in ``recv``)."""
+        conn = lease.conn
+        fd = conn.fileno() if self._epoll is not None and not self._stopped and not conn.has_deferred else None
+        if fd is None:
             return False
-        self.leases.leave_free(lease, now)
-        # A request registered after the check above may have looked for a free reading
-        # before it was there: look again, and take the reading back if one did. (Not at
-        # the connection: once the reading is free, another thread may be reading it.)
-        if self._pending.expects(peer):
-            return self.leases.take_free(peer) is not lease
-        self._wake_monitor()
+        self.leases.leave_free(lease, time.monotonic())
+        self._watched[fd] = lease
+        try:  # armed only now that the lease is free: the watcher's wake-up finds it so
+            try:
+                self._epoll.modify(fd, _WATCH)  # type: ignore[union-attr]
+            except FileNotFoundError:
+                self._epoll.register(fd, _WATCH)  # type: ignore[union-attr]
+        except (OSError, ValueError):  # closed meanwhile: read on, recv reports the end
+            return not self.leases.take(lease)
         return True
+
+    def _unwatch(self, lease: ReadLease) -> None:
+        """A thread took a free lease to read it itself: the watcher need not wake for it."""
+        fd = lease.conn.fileno()
+        if fd is not None and self._epoll is not None:
+            try:
+                self._epoll.modify(fd, 0)
+            except (OSError, ValueError):
+                pass
+
+    def _watch(self, gen: int) -> None:
+        """Hold the watcher's role of generation ``gen``: wait for input on the free
+        connections and read each one that has some, here, until nothing more has arrived on
+        it; poll a while after serving a request (see ``SPIN_S``). Returns once the role has
+        passed on (see :meth:`_replace_watcher`) or the readers stopped."""
+        epoll, wake_fd, leases = self._epoll, self._wake_fd, self.leases
+        assert epoll is not None
+        _tls.watcher = gen
+        spin_until = 0.0
+        try:
+            while self._watcher == gen and not self._stopped:
+                timeout = 0 if spin_until else -1
+                try:
+                    events = epoll.poll(timeout, 1)
+                except InterruptedError:
+                    continue
+                except (OSError, ValueError):
+                    return  # closed: the readers stopped
+                if not events:
+                    if time.perf_counter() < spin_until:
+                        os.sched_yield()
+                        continue
+                    if spin_until:
+                        self._watch_spin -= 1
+                    spin_until = 0.0
+                    continue
+                if spin_until:
+                    self._watch_spin = min(self._watch_spin + 1, 4)
+                fd = events[0][0]
+                if fd == wake_fd:
+                    continue
+                lease = self._watched.get(fd)
+                if lease is None or not leases.take(lease):
+                    continue  # a waiting thread took it to read its reply itself
+                reading = self._watcher_reading = (gen, time.monotonic())
+                self._wake_monitor()
+                served_request = self._read_loop(lease.peer, lease.conn, lease)
+                with self._watch_lock:
+                    if self._watcher_reading is reading:
+                        self._watcher_reading = None
+                spin_until = (time.perf_counter() + SPIN_S
+                              if served_request and SPIN_S and self._watch_spin > 0 else 0.0)
+                if served_request and not spin_until:
+                    self._watch_spin = 1  # try polling again next time
+        finally:
+            _tls.watcher = None
+
+    def _replace_watcher(self, gen: int) -> None:
+        """The holder of the watcher's role ``gen`` is about to wait, or has read one connection
+        too long: a pool thread takes the role (once per generation)."""
+        with self._watch_lock:
+            if self._watcher != gen or self._stopped:
+                return
+            self._watcher = gen + 1
+            self._watcher_reading = None
+        self._pool.submit(self._watch, gen + 1)
 
     def _flush(self, peer: int, conn: Connection) -> bool:
         """Send ``conn``'s deferred frames; False if the connection broke (reported lost)."""
@@ -324,10 +423,11 @@ class Readers:
         self._peers.lost(peer, conn, f"reader failed: {e!r}")
 
     def _pass(self, lease: Optional[ReadLease]) -> None:
-        """Take ``lease`` out of BUSY and give the reading to a pool thread, unless someone
-        else took it first (then they did)."""
+        """Take ``lease`` out of BUSY and give the reading on: to the watcher if nothing has
+        arrived on it, else to a pool thread; unless someone else took it first (then they did)."""
         if lease is not None and self.leases.end_frame(lease):
-            self._pool.submit(self._read_loop, lease.peer, lease.conn)
+            if lease.conn.has_deferred or not lease.conn.idle() or not self._park(lease):
+                self._pool.submit(self._read_loop, lease.peer, lease.conn)
 
     # --- the monitor -------------------------------------------------------------------
 
@@ -338,40 +438,38 @@ class Readers:
 
     def monitor(self, stop: threading.Event) -> None:
         """The monitor thread: hand the reading on for readers stuck in a frame (user code that
-        blocks, a lock): the connection's other messages must not wait for them; and give
-        leases left free to pool threads once they stayed free ``FREE_FOR`` s (for requests the
-        peer starts). Polls while leases are busy or free; parks after ``MONITOR_PARK_AFTER`` s
-        without either (waking it costs a switch)."""
+        blocks, a lock): the connection's other messages must not wait for them; and pass the
+        watcher's role on when its holder has read one connection for ``HANDOFF_AFTER``: the
+        other connections must not wait for it either. Polls while readers are busy; parks
+        after ``MONITOR_PARK_AFTER`` s without any (waking it costs a switch)."""
         leases = self.leases
         quiet_since = time.monotonic()
         while not stop.is_set():
             time.sleep(HANDOFF_AFTER)
             now = time.monotonic()
-            if leases.active:
+            reading = self._watcher_reading
+            if leases.active or reading is not None:
                 quiet_since = now
-                stuck, free = leases.overdue(now, HANDOFF_AFTER, FREE_FOR)
-                for lease in stuck:
+                if reading is not None and now - reading[1] >= HANDOFF_AFTER:
+                    self._replace_watcher(reading[0])
+                for lease in leases.overdue(now, HANDOFF_AFTER):
                     self._pass(lease)
-                for peer in free:
-                    taken = leases.take_free(peer)
-                    if taken is not None:
-                        if not self._pending.expects(peer) and taken.conn.pending_input():
-                            # the peer starts requests here: keep its connection read
-                            leases.keep_read(peer, now + KEEP_READ_S)
-                        self._pool.submit(self._read_loop, peer, taken.conn, taken)
             elif now - quiet_since >= MONITOR_PARK_AFTER:
                 self._monitor_wake.clear()
                 self._monitor_parked = True
-                if not leases.active:  # a reader that became busy before we parked has seen the flag
-                    self._monitor_wake.wait()
+                if not leases.active and self._watcher_reading is None:
+                    self._monitor_wake.wait()  # a reader that became busy before we parked has seen the flag
                 self._monitor_parked = False
                 quiet_since = time.monotonic()
 
 
 def _poll(conn: Connection) -> bool:
-    """Poll ``conn`` for input for up to ``SPIN_S``; whether some came."""
+    """Poll ``conn`` for input for up to ``SPIN_S``; whether some came. The start of a frame
+    counts: a frame larger than the connection's buffer is never all there to poll for, and
+    ``recv`` waits only for its rest."""
     end = time.perf_counter() + SPIN_S
     while time.perf_counter() < end:
-        if conn.pending_input():
+        if not conn.idle():
             return True
+        os.sched_yield()
     return False

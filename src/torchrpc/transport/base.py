@@ -66,6 +66,18 @@ class Connection(abc.ABC):
         may ask."""
         return False
 
+    def fileno(self) -> Optional[int]:
+        """A file descriptor that polls readable when input (or the end) arrives, for a thread
+        that waits on many connections at once; None if the transport has none (its reader
+        then blocks in ``recv``). Input already taken into the connection's own buffer does
+        not show there: wait on it only while :meth:`idle`."""
+        return None
+
+    def idle(self) -> bool:
+        """Whether nothing of a next frame has arrived yet (so :meth:`fileno` shows when it
+        does). Only the receiving thread may ask."""
+        return not self.pending_input()
+
     def wait_input(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for input (or the end of the connection); whether
         some came, so that ``recv`` will not wait long. Only the receiving thread may ask.

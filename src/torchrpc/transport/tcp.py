@@ -63,6 +63,33 @@ def _views(frame: Sequence) -> list[memoryview]:
     return views
 
 
+def _sendmsg_all(sock: socket.socket, views: list[memoryview], hook: Optional[Callable[[], None]] = None
+                 ) -> Optional[Callable[[], None]]:
+    """Send ``views`` whole. With a ``hook``, first without waiting, and call the hook before
+    the first wait (most frames fit in the socket's buffer: no hand-off for them); the hook
+    if it is still to be called."""
+    while views:
+        if hook is None:
+            n = sock.sendmsg(views[:_IOV_MAX])
+        else:
+            try:
+                n = sock.sendmsg(views[:_IOV_MAX], [], socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            if n < sum(v.nbytes for v in views[:_IOV_MAX]):
+                hook()  # the rest must wait for room
+                hook = None
+        while n:
+            first = views[0]
+            if n >= first.nbytes:
+                n -= first.nbytes
+                views.pop(0)
+            else:
+                views[0] = first[n:]
+                n = 0
+    return hook
+
+
 class TCPConnection(Connection):
     def __init__(self, sock: socket.socket, peer: str) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -153,8 +180,8 @@ class TCPConnection(Connection):
     def _transmit(self, views: list, small: bool) -> None:
         """Send the deferred frames, then ``views``, under the send lock."""
         hook = block_hook()
-        if hook is not None and (not small or isinstance(self._sock, ssl.SSLSocket)):
-            hook()  # a large send, or TLS (no non-blocking try): may wait
+        if hook is not None and isinstance(self._sock, ssl.SSLSocket):
+            hook()  # TLS: no non-blocking try, so any send may wait
             hook = None
         if hook is None:
             self._send_lock.acquire()
@@ -174,22 +201,18 @@ class TCPConnection(Connection):
             if not (views or before):
                 return
             try:
-                if small:
-                    parts = [*before, *views]
-                    data = parts[0] if len(parts) == 1 else b"".join(parts)
-                    if hook is not None:
-                        data = self._send_nowait(data, hook)
-                    if data:
-                        self._sock.sendall(data)
-                elif isinstance(self._sock, ssl.SSLSocket):  # no sendmsg through TLS
+                if isinstance(self._sock, ssl.SSLSocket):  # no sendmsg through TLS
                     for v in [*before, *views]:
                         self._sock.sendall(v)
+                elif small:
+                    parts = [*before, *views]
+                    _sendmsg_all(self._sock, [memoryview(parts[0] if len(parts) == 1 else b"".join(parts))], hook)
                 elif mac is not None:
                     if before:
-                        self._sock.sendall(b"".join(before))
-                    self._send_tagged([memoryview(v) for v in views], mac.start(sum(v.nbytes for v in views)))
+                        hook = _sendmsg_all(self._sock, [memoryview(b"".join(before))], hook)
+                    self._send_tagged([memoryview(v) for v in views], mac.start(sum(v.nbytes for v in views)), hook)
                 else:
-                    self._sendmsg_all([memoryview(v) for v in [*before, *views]])
+                    _sendmsg_all(self._sock, [memoryview(v) for v in [*before, *views]], hook)
             except OSError as e:
                 raise ConnectionClosed(f"send to {self.peer} failed: {e}") from e
         finally:
@@ -199,17 +222,6 @@ class TCPConnection(Connection):
         h = self._tx_mac.start(len(data))  # type: ignore[union-attr]
         h.update(data)
         return data + h.digest()
-
-    def _send_nowait(self, data: bytes, hook: Callable[[], None]) -> memoryview | bytes:
-        """Send what the socket takes without waiting; call ``hook`` if some is left (returned)."""
-        try:
-            n = self._sock.send(data, socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            n = 0
-        if n == len(data):
-            return b""
-        hook()
-        return memoryview(data)[n:]
 
     def _through_shm(self, views: list[memoryview], lengths: list[int]) -> tuple[list[memoryview], list[int]]:
         """Move the large buffers of a frame into shared memory; (views to send, wire lengths)."""
@@ -224,7 +236,7 @@ class TCPConnection(Connection):
                 wire.append(_SHM_BIT | len(desc))
         return out, wire
 
-    def _send_tagged(self, views: list[memoryview], h: auth.Hasher) -> None:
+    def _send_tagged(self, views: list[memoryview], h: auth.Hasher, hook: Optional[Callable[[], None]]) -> None:
         """Send a large frame and its tag: hash a piece, send it, hash the next, so that the
         receiver checks one piece while this side hashes the next; the tag goes with the last."""
         pieces = [v[i:i + _MAC_CHUNK] for v in views for i in range(0, v.nbytes, _MAC_CHUNK)]
@@ -232,26 +244,13 @@ class TCPConnection(Connection):
         size = 0
         for piece in pieces:
             if size >= _MAC_CHUNK:
-                self._sendmsg_all(batch)
+                hook = _sendmsg_all(self._sock, batch, hook)
                 batch, size = [], 0
             h.update(piece)
             batch.append(piece)
             size += piece.nbytes
         batch.append(memoryview(h.digest()))
-        self._sendmsg_all(batch)
-
-    def _sendmsg_all(self, views: list[memoryview]) -> None:
-        sock = self._sock
-        while views:
-            n = sock.sendmsg(views[:_IOV_MAX])
-            while n:
-                first = views[0]
-                if n >= first.nbytes:
-                    n -= first.nbytes
-                    views.pop(0)
-                else:
-                    views[0] = first[n:]
-                    n = 0
+        _sendmsg_all(self._sock, batch, hook)
 
     def _recv_some(self, view: memoryview, flags: int = 0) -> int:
         """One read from the socket into ``view``: bytes read (0 when ``MSG_DONTWAIT`` finds
@@ -332,6 +331,17 @@ class TCPConnection(Connection):
             return self._fill(socket.MSG_DONTWAIT) > 0 and self._frame_ready()
         except ConnectionClosed:
             return True
+
+    def fileno(self) -> Optional[int]:
+        fd = self._sock.fileno()
+        return fd if fd >= 0 else None
+
+    def idle(self) -> bool:
+        if self.pending_input() or self._r1 > self._r0:
+            return False  # a frame, or the start of one (its rest is on its way: recv waits for it)
+        if isinstance(self._sock, ssl.SSLSocket):  # pending_input read nothing from the socket itself
+            return not self._sock.pending() and not self._poller.poll(0)
+        return True
 
     def wait_input(self, timeout: float) -> bool:
         if self._closed or self._r1 > self._r0:
@@ -430,7 +440,11 @@ class TCPConnection(Connection):
             except MemoryError:
                 raise ConnectionClosed(f"frame from {self.peer} needs {n} bytes, more than this process can "
                                        "allocate; closing") from None
-            self._read_exact(memoryview(b), h)
+            if h is not None and n < _MAC_CHUNK:
+                self._read_exact(memoryview(b))
+                h.update(b)  # in one piece: hashing each read as it comes costs twice as much
+            else:
+                self._read_exact(memoryview(b), h)  # hashed as it arrives, while the sender hashes on
             frame.append(b)
         if h is not None and not hmac.compare_digest(h.digest(), bytes(self._take(auth.TAG_BYTES))):
             log.warning("torchrpc: a frame from %s failed authentication (altered, injected or replayed on the "
