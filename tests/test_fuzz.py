@@ -439,8 +439,10 @@ class CaseGen:
                          for _ in range(24)]
         self.payloads = self._make_payloads()
         self.builders = {
-            m.PythonCall: lambda: m.PythonCall(self.mid(), self.payload()),
+            # now and then from a profiled caller: worker1 runs the function under its profiler
+            m.PythonCall: lambda: m.PythonCall(self.mid(), self.payload(), self.pick([0, 0, 0, 1, 3, 63, 255])),
             m.PythonReturn: lambda: m.PythonReturn(self.reply_id(), self.payload()),
+            m.ProfiledReturn: lambda: m.ProfiledReturn(self.reply_id(), self.payload(), self.u64(), self.text()),
             m.ExceptionReply: lambda: m.ExceptionReply(self.reply_id(), self.payload(), self.text(),
                                                        self.text(), self.text()),
             m.RemoteCall: lambda: m.RemoteCall(self.mid(), self.own_gid(), self.own_gid(), self.payload()),

@@ -42,10 +42,12 @@ LAYERS: dict[str, int] = {
     "torchrpc.protocol.sparse": BASE,
     "torchrpc.futures": BASE,
     "torchrpc.functions": BASE,
+    "torchrpc.profiler_sessions": BASE,
     # 1 protocol (sans-I/O)
     "torchrpc.protocol.*": PROTOCOL,
     "torchrpc.serialization": PROTOCOL,
     "torchrpc.profiling": PROTOCOL,
+    "torchrpc.remote_events": PROTOCOL,
     # 2 runtime
     "torchrpc.runtime.*": RUNTIME,
     # 3 services
@@ -56,6 +58,7 @@ LAYERS: dict[str, int] = {
     # 5 public API
     "torchrpc": PUBLIC,
     "torchrpc.api": PUBLIC,
+    "torchrpc.internal": PUBLIC,
     "torchrpc.rref": PUBLIC,
     "torchrpc.autograd.*": PUBLIC,
     "torchrpc.optim": PUBLIC,

@@ -83,7 +83,11 @@ def examples():
     big = Gid(U32, U64)
     return [
         m.PythonCall(1, payload()),
+        m.PythonCall(2, payload(), m.ProfileFlags.TIME | m.ProfileFlags.EVENTS | m.ProfileFlags.SHAPES),
+        m.PythonCall(3, payload(), 255),  # unknown bits travel (the callee ignores them)
         m.PythonReturn(U64, payload(b"x", ())),
+        m.ProfiledReturn(4, payload(b"x", [b"t" * 8]), U64, '{"version":1,"events":[]} é'),
+        m.ProfiledReturn(5, payload(), 1, ""),
         m.ExceptionReply(7, payload(b"exc"), "builtins.ValueError", "bad value: é ☃", "Traceback ...\n  line 1\n"),
         m.ExceptionReply(8, m.Payload(b""), "", "", ""),  # exception that could not be pickled
         m.RemoteCall(2, Gid(1, 2), Gid(1, 3), payload()),
@@ -214,8 +218,9 @@ small_tensors = st.one_of(
     st.builds(lambda xs: torch.tensor(xs, dtype=torch.int64).reshape(-1, 1), st.lists(st.integers(-5, 5), max_size=4)),
 )
 _plain_message = st.one_of(
-    st.builds(m.PythonCall, u64, payloads),
+    st.builds(m.PythonCall, u64, payloads, st.integers(0, 255)),
     st.builds(m.PythonReturn, u64, payloads),
+    st.builds(m.ProfiledReturn, u64, payloads, u64, texts),
     st.builds(m.ExceptionReply, u64, payloads, texts, texts, texts),
     st.builds(m.RemoteCall, u64, gids, gids, payloads),
     st.builds(m.RemoteReturn, u64, gids, gids),
@@ -268,7 +273,7 @@ def test_empty_frame():
         m.decode([bytearray(), b"x"])
 
 
-@pytest.mark.parametrize("type_byte", [0, 15, 99, 255])
+@pytest.mark.parametrize("type_byte", [0, 16, 99, 255])
 def test_unknown_type_byte(type_byte):
     header = bytes([type_byte]) + struct.pack("<Q", 1)
     with pytest.raises(ProtocolError, match="unknown message type"):
@@ -320,7 +325,7 @@ def test_missing_buffers():
     hello = wire(m.Hello(1, 2, "w").encode())
     with pytest.raises(ProtocolError):
         m.decode(hello[:1])  # no name
-    for cls in (m.PythonCall, m.PythonReturn, m.RRefFetchReturn):
+    for cls in (m.PythonCall, m.PythonReturn, m.RRefFetchReturn, m.ProfiledReturn):
         frame = wire(cls(1, payload()).encode())
         with pytest.raises(ProtocolError, match="payload"):
             m.decode(frame[:1])  # header only, no pickle stream
@@ -396,6 +401,7 @@ def test_is_reply_flags():
     assert replies == {
         m.MessageType.PYTHON_RET, m.MessageType.EXCEPTION, m.MessageType.REMOTE_RET,
         m.MessageType.PYTHON_RREF_FETCH_RET, m.MessageType.RREF_ACK, m.MessageType.BACKWARD_AUTOGRAD_RET,
+        m.MessageType.RUN_WITH_PROFILING_RESP,
     }
     for e in examples():
         if isinstance(e, m.ForwardAutograd):

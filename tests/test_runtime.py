@@ -532,12 +532,12 @@ def d():
 
 
 def test_dispatch_request_returns_its_job(d):
-    job = d(1, m.PythonCall(5, m.Payload(b"pickled"), True))
+    job = d(1, m.PythonCall(5, m.Payload(b"pickled"), m.ProfileFlags.TIME))
     fn, args, run = job
     assert fn is d.call and run is Run.INLINE
     src, msg, tag = args
     assert (src, tag) == (1, None)
-    assert type(msg) is m.PythonCall and msg.msg_id == 5 and msg.profile is True
+    assert type(msg) is m.PythonCall and msg.msg_id == 5 and msg.profile == m.ProfileFlags.TIME
     assert bytes(msg.payload.data) == b"pickled"
     assert d.call.calls == [] and d.errors.calls == []  # dispatch only finds the job
     assert d.pool.submitted == [] and d.autograd_pool.submitted == []
@@ -596,12 +596,12 @@ def test_dispatch_heartbeat_returns_none(d):
 
 @pytest.mark.parametrize("frame", [
     [struct.pack("<BQ", m.MessageType.PYTHON_CALL, 42), b"payload"],  # header without the profile flag
-    [struct.pack("<BQB", m.MessageType.PYTHON_CALL, 42, 2), b"payload"],  # profile is not a boolean
+    [struct.pack("<BQH", m.MessageType.PYTHON_CALL, 42, 2), b"payload"],  # profile flags are one byte
     [struct.pack("<BQB", m.MessageType.PYTHON_CALL, 42, 0)],  # no payload
     [struct.pack("<BQ", 99, 42)],  # unknown type
     [struct.pack("<BQqQB", m.MessageType.FORWARD_AUTOGRAD, 42, 1, 0, 0),
      struct.pack("<BQ", m.MessageType.PYTHON_CALL, 42), b"p"],  # a malformed request inside
-], ids=["short-header", "bad-bool", "no-payload", "unknown-type", "wrapped"])
+], ids=["short-header", "long-header", "no-payload", "unknown-type", "wrapped"])
 def test_dispatch_malformed_request_returns_an_error_job(d, frame):
     job = d(1, frame)
     assert job is not None and job is not reader_mod.LED
@@ -1146,12 +1146,12 @@ def test_heartbeat_on_a_closed_connection_is_not_an_error(hb_peers):
 
 ID = ("msg_id", "u64")
 #: The header of each message type, after its type byte, as docs/design.md §1.3 lays it out.
-#: PYTHON_CALL's ``profile`` flag and PYTHON_RET's ``remote_ns`` are in the header on the
-#: wire (as the explicit FIELDS before the annotations took over said) though §1.3's table
-#: shows "—" for both.
+#: PYTHON_CALL's ``profile`` flags and PYTHON_RET's ``remote_ns`` are in the header on the
+#: wire (as the explicit FIELDS before the annotations took over said).
 HEADERS = {
-    m.MessageType.PYTHON_CALL: (ID, ("profile", "bool")),
+    m.MessageType.PYTHON_CALL: (ID, ("profile", "u8")),
     m.MessageType.PYTHON_RET: (ID, ("remote_ns", "u64")),
+    m.MessageType.RUN_WITH_PROFILING_RESP: (ID, ("remote_ns", "u64")),
     m.MessageType.PYTHON_REMOTE_CALL: (ID, ("rref_id", "gid"), ("fork_id", "gid")),
     m.MessageType.REMOTE_RET: (ID, ("rref_id", "gid"), ("fork_id", "gid")),
     m.MessageType.PYTHON_RREF_FETCH_CALL: (ID, ("rref_id", "gid")),
@@ -1176,8 +1176,8 @@ HEADERS = {
 }
 #: §1.3's body column: the types that carry a payload.
 WITH_PAYLOAD = {m.MessageType.PYTHON_CALL, m.MessageType.PYTHON_RET, m.MessageType.PYTHON_REMOTE_CALL,
-                m.MessageType.PYTHON_RREF_FETCH_RET, m.MessageType.EXCEPTION}
-_SIZES = {"u32": 4, "u64": 8, "i64": 8, "bool": 1, "gid": 12}
+                m.MessageType.PYTHON_RREF_FETCH_RET, m.MessageType.EXCEPTION, m.MessageType.RUN_WITH_PROFILING_RESP}
+_SIZES = {"u8": 1, "u32": 4, "u64": 8, "i64": 8, "bool": 1, "gid": 12}
 
 
 def test_every_message_type_is_registered():
@@ -1196,7 +1196,7 @@ def test_message_fields_match_the_documented_header(mtype):
 def test_reply_types():
     T = m.MessageType
     assert m.REPLY_TYPES == {T.PYTHON_RET, T.REMOTE_RET, T.PYTHON_RREF_FETCH_RET, T.RREF_ACK, T.EXCEPTION,
-                             T.BACKWARD_AUTOGRAD_RET}
+                             T.BACKWARD_AUTOGRAD_RET, T.RUN_WITH_PROFILING_RESP}
     for mtype, cls in m._REGISTRY.items():
         if cls is not m.ForwardAutograd:
             assert cls.IS_REPLY == (mtype in m.REPLY_TYPES), cls.__name__

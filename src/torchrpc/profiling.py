@@ -1,27 +1,119 @@
-"""RPCs as torch.profiler events on the caller.
+"""RPCs as profiler events on the caller, with the callee's events as remote events.
 
-Each call is an event named ``rpc_sync#func(me -> dest)`` or ``rpc_async#func(me -> dest)``
-lasting the whole round trip. The callee measures how long the function ran and sends it
-back in the reply; the caller records it as a second event,
+Under torch.profiler, the autograd profiler or its legacy form, each call is an event named
+as torch names it (:func:`rpc_key`): ``rpc_sync#func(me -> dest)`` or
+``rpc_async#func(me -> dest)``, lasting the whole round trip. The callee runs the function
+under its own profiler, with the caller's settings (``record_shapes``, ``profile_memory``,
+...), and sends its events back in the reply; they join the caller's profile as remote events
+(``is_remote``, ``node_id`` the callee's id), named ``<call event>#remote_op: <name>`` (see
+:mod:`torchrpc.remote_events` and :mod:`torchrpc.profiler_sessions`). The callee also measures
+how long the function ran; the caller records that as an event of its own,
 ``<call event>#remote_execution_us=N``.
 
-torch.profiler records only the threads it was started on (its callbacks are thread
+torch's profilers record only the threads they were started on (their callbacks are thread
 local), and replies are handled on this worker's pool threads. So the remote time is
 recorded on the caller's thread: by rpc_sync after the reply, and for rpc_async when the
 caller waits on the returned future (``wait()``, ``value()`` or
-:func:`torchrpc.futures.wait_all`).
+:func:`torchrpc.futures.wait_all`). Remote events go to the caller's profiler session from
+whichever thread reads the reply, and need no wait.
 """
 from __future__ import annotations
 
+import enum
+import logging
+import time
 from typing import Any, Callable, Optional
 
 import torch
 
+from . import profiler_sessions as sessions
+from . import remote_events
+from .functions import func_name
+from .protocol.messages import ProfileFlags
 
-def enabled() -> bool:
-    """Whether torch.profiler (or the autograd profiler) records this thread now."""
-    # The module flag is global and cheap; the C check is per thread.
-    return bool(torch.autograd.profiler._is_profiler_enabled) and torch._C._autograd._profiler_enabled()
+log = logging.getLogger("torchrpc")
+#: Whether a torch profiler records this thread now (a C call: cheap enough for every RPC).
+enabled: Callable[[], bool] = torch._C._autograd._profiler_enabled
+
+#: The spans of a distributed backward pass, as torch names them.
+DIST_BACKWARD = "torch::distributed::autograd::backward"
+SEND_RPC_BACKWARD = "torch::distributed::autograd::SendRpcBackward"
+RECV_RPC_BACKWARD = "torch::distributed::autograd::RecvRpcBackward"
+
+
+class RPCExecMode(enum.Enum):
+    """How an RPC runs; its value is part of the call's event name (torch's enum)."""
+
+    SYNC = "sync"
+    ASYNC = "async"
+    ASYNC_JIT = "async_jit"
+    REMOTE = "remote"
+
+
+def build_rpc_profiling_key(exec_type: RPCExecMode, func_name: str, current_worker_name: str,
+                            dst_worker_name: str) -> str:
+    """The name of a call's profiler event (torch's ``_build_rpc_profiling_key``)."""
+    return f"rpc_{exec_type.value}#{func_name}({current_worker_name} -> {dst_worker_name})"
+
+
+def rpc_key(mode: RPCExecMode, func: Callable, me: str, dest: str) -> str:
+    """The event name of a call of ``func``: torch's, which names a builtin by its
+    operator (``aten::mul``) and any other function by its qualified name."""
+    try:
+        name = torch.jit._builtins._find_builtin(func)
+    except Exception:  # a torch without that table: the Python name
+        name = None
+    return build_rpc_profiling_key(mode, name or func_name(func), me, dest)
+
+
+def mark(name: str, times: int = 1) -> None:
+    """``times`` events ``name`` of no duration on the current thread, if a profiler records it."""
+    if times and enabled():
+        for _ in range(times):
+            with torch.profiler.record_function(name):
+                pass
+
+
+def install() -> None:
+    """Teach torch's profilers to take remote events (once per process; see profiler_sessions)."""
+    sessions.install()
+
+
+class CallProfile:
+    """One profiled call on the caller: the ``profile`` flags it sends, and where the callee's
+    events go when its reply comes (the session of the profiler that records this thread)."""
+
+    __slots__ = ("key", "dest", "session", "flags", "sent_ns")
+
+    def __init__(self, key: str, dest: int) -> None:
+        self.key, self.dest = key, dest
+        self.session = session = sessions.current()
+        flags = ProfileFlags.TIME
+        if session is not None:
+            flags |= ProfileFlags.EVENTS
+            flags |= ProfileFlags.SHAPES if session.record_shapes else 0
+            flags |= ProfileFlags.MEMORY if session.profile_memory else 0
+            flags |= ProfileFlags.STACK if session.with_stack else 0
+            flags |= ProfileFlags.FLOPS if session.with_flops else 0
+        self.flags = flags
+        self.sent_ns = time.time_ns()
+
+    def collect(self, reply: torch.futures.Future) -> None:
+        """Add the events that came back with ``reply`` to the session; malformed ones are
+        dropped with a warning on the ``torchrpc`` logger (the call's result stands)."""
+        text = getattr(reply, "_remote_events", None)
+        if text is None or self.session is None:
+            return
+        received_ns = time.time_ns()
+        try:
+            window, dropped, events = remote_events.decode(text)
+        except remote_events.RemoteEventsError as e:
+            log.warning("torchrpc: dropped the malformed profiler events sent back for %s: %s", self.key, e)
+            return
+        if dropped:
+            log.warning("torchrpc: the callee of %s left out %d of its profiler events (it sends at most %d)",
+                        self.key, dropped, remote_events.MAX_EVENTS)
+        self.session.add(remote_events.place(events, window, self.key, self.dest, self.sent_ns, received_ns))
 
 
 def record_remote_execution(event: str, remote_ns: int) -> None:
@@ -30,22 +122,26 @@ def record_remote_execution(event: str, remote_ns: int) -> None:
         pass
 
 
-def profiled_sync(event: str, call: Callable[[], torch.futures.Future]) -> Any:
-    """Run ``call()`` and wait for its future inside an ``event`` span, then record its remote time."""
+def profiled_sync(event: str, dest: int, call: Callable[[int], torch.futures.Future]) -> Any:
+    """Run ``call(flags)`` and wait for its future inside an ``event`` span, then record its remote
+    time and events."""
+    profile = CallProfile(event, dest)
     with torch.profiler.record_function(event):
-        fut = call()
+        fut = call(profile.flags)
         value = fut.wait()
     remote_ns = getattr(fut, "_remote_ns", 0)
     if remote_ns:
         record_remote_execution(event, remote_ns)
+    profile.collect(fut)
     return value
 
 
-def profiled_async(event: str, call: Callable[[], torch.futures.Future]) -> torch.futures.Future:
-    """Start ``call()`` inside an ``event`` span that ends when its future completes."""
+def profiled_async(event: str, dest: int, call: Callable[[int], torch.futures.Future]) -> torch.futures.Future:
+    """Start ``call(flags)`` inside an ``event`` span that ends when its future completes."""
+    profile = CallProfile(event, dest)
     handle = torch.ops.profiler._record_function_enter_new(event, None)
     try:
-        reply = call()
+        reply = call(profile.flags)
     except BaseException:
         torch.ops.profiler._record_function_exit._RecordFunction(handle)
         raise
@@ -58,6 +154,8 @@ def profiled_async(event: str, call: Callable[[], torch.futures.Future]) -> torc
             recorded = True
             record_remote_execution(event, remote_ns)
 
+    if profile.session is not None:
+        reply.add_done_callback(profile.collect)
     # The span ends in a callback on ``reply``; completing after that callback keeps the
     # span inside the future's life. (Errors do not pass through the returned future as
     # errors, so results are taken from ``reply`` itself.)

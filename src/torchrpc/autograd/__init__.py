@@ -11,7 +11,7 @@ from typing import Iterable
 
 import torch
 
-from .. import current
+from .. import current, profiling
 from ..errors import RPCError
 from ..protocol.autograd_context import UnknownContextError, _tls, current_context_id
 from .graph import graph
@@ -50,7 +50,12 @@ def backward(context_id: int, roots: Iterable[torch.Tensor], retain_graph: bool 
     the loss does not use never stall it. Errors on any worker are raised here,
     naming the worker.
     """
-    current.agent().autograd.backward(context_id, roots, retain_graph)
+    service = current.agent().autograd
+    if not profiling.enabled():
+        service.backward(context_id, roots, retain_graph)
+        return
+    with torch.profiler.record_function(profiling.DIST_BACKWARD):  # as torch's distributed engine
+        service.backward(context_id, roots, retain_graph)
 
 
 def get_gradients(context_id: int) -> dict[torch.Tensor, torch.Tensor]:

@@ -40,6 +40,7 @@ class MessageType(enum.IntEnum):
     HELLO = 12
     HEARTBEAT = 13
     MEMBERSHIP = 14
+    RUN_WITH_PROFILING_RESP = 15
     # distributed autograd
     FORWARD_AUTOGRAD = 20
     BACKWARD_DISCOVER = 21
@@ -77,19 +78,20 @@ class Payload:
 # Header field types: a message's annotations say which of its fields go in the header and
 # how each is packed (``msg_id: U64``); fields of other types (payload, texts, ids,
 # tensors) travel in buffers of their own.
+U8 = int
 U32 = int
 U64 = int
 I64 = int
 #: annotation -> field kind -> struct code; a "gid" is two fields (worker id, local id).
-_KINDS = {"U32": "u32", "U64": "u64", "I64": "i64", "bool": "bool", "GloballyUniqueId": "gid"}
-_CODES = {"u32": "I", "u64": "Q", "i64": "q", "bool": "B", "gid": "IQ"}
+_KINDS = {"U8": "u8", "U32": "u32", "U64": "u64", "I64": "i64", "bool": "bool", "GloballyUniqueId": "gid"}
+_CODES = {"u8": "B", "u32": "I", "u64": "Q", "i64": "q", "bool": "B", "gid": "IQ"}
 
 _REGISTRY: dict[int, type["Message"]] = {}
 
 
 class Message:
     """Base of all messages. A subclass's annotated fields are its header fields (``U64``,
-    ``I64``, ``U32``, ``bool``, ``GloballyUniqueId``, in order: ``FIELDS`` is derived from
+    ``I64``, ``U32``, ``U8``, ``bool``, ``GloballyUniqueId``, in order: ``FIELDS`` is derived from
     them), a ``payload: Payload``, and the buffers named by ``TEXTS``, ``IDS``, ``TENSORS``."""
 
     TYPE: ClassVar[MessageType]
@@ -239,18 +241,24 @@ def peek_msg_id(frames: Sequence[Buffer]) -> int | None:
 # --- calls and replies -------------------------------------------------------
 
 
+class ProfileFlags:
+    """The bits of :class:`PythonCall`'s ``profile`` (0: the caller is not profiled). TIME: the reply
+    says how long the function ran; EVENTS: it is a :class:`ProfiledReturn` with the events of the
+    function's run under torch's profiler, which records what the caller's does (SHAPES, MEMORY,
+    STACK, FLOPS: record_shapes, profile_memory, with_stack, with_flops). Unknown bits are ignored."""
+
+    TIME, EVENTS, SHAPES, MEMORY, STACK, FLOPS = 1, 2, 4, 8, 16, 32
+
+
 @dataclass(slots=True)
 class PythonCall(Message):
-    """Run a pickled ``(func, args, kwargs)`` and reply with its result.
-
-    With ``profile`` set (the caller is being profiled), the reply carries how long
-    the function ran on the callee.
-    """
+    """Run a pickled ``(func, args, kwargs)`` and reply with its result; ``profile``: the
+    :class:`ProfileFlags` of a profiled caller."""
 
     TYPE = MessageType.PYTHON_CALL
     msg_id: U64
     payload: Payload
-    profile: bool = False
+    profile: U8 = 0
 
 
 @dataclass(slots=True)
@@ -262,6 +270,18 @@ class PythonReturn(Message):
     msg_id: U64
     payload: Payload
     remote_ns: U64 = 0
+
+
+@dataclass(slots=True)
+class ProfiledReturn(PythonReturn):
+    """The reply to a call with ``ProfileFlags.EVENTS``: a :class:`PythonReturn` plus ``events``, the
+    callee's profiler events as JSON text (see :mod:`torchrpc.remote_events`; the caller checks
+    them before use). torch's ``RUN_WITH_PROFILING_RESP``, for Python calls."""
+
+    TYPE = MessageType.RUN_WITH_PROFILING_RESP
+    TEXTS = ("events",)
+    IS_REPLY = True
+    events: str = ""
 
 
 @dataclass(slots=True)

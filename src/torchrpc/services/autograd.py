@@ -29,6 +29,7 @@ from typing import Any, Iterable, NamedTuple, Optional
 
 import torch
 
+from .. import profiling
 from ..errors import RPCError
 from ..futures import wait_all
 from ..protocol import messages as m
@@ -263,6 +264,7 @@ class DistAutograd:
         """Run what checked gradients for these sends make ready here, in one engine call where
         they complete the pass's sources; the outcome and the pass's retain_graph."""
         keyed = [(("send", ag_id), grads) for ag_id, grads in parts]
+        profiling.mark(profiling.SEND_RPC_BACKWARD, len(parts))  # where torch's engine runs each send's node
         if direct:  # a pass without discovery: these sends' part runs now, from them alone
             with ctx.lock:
                 for ag_id, _ in parts:
@@ -293,6 +295,8 @@ class DistAutograd:
         gradients for our sends: they run here, in turn.
         """
         ctx.accumulate(outcome.leaf_grads)
+        # where torch's engine runs each recv's node (which sends its gradients on)
+        profiling.mark(profiling.RECV_RPC_BACKWARD, len(outcome.recvs_done))
         back: list[Returned] = []
         by_peer: dict[int, list[Returned]] = {}
         for ag_id, grads in outcome.recvs_done.items():

@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .. import profiling, serialization
+from .. import profiling, remote_events, serialization
 from ..protocol.autograd_context import current_context_id, use_context
 from ..errors import ProtocolError, RPCError
 from ..functions import func_name, is_async_function
@@ -31,6 +31,7 @@ class CallService:
         self.payloads = payloads
         self.rrefs = rrefs
         self.pool = pool
+        profiling.install()  # torch's profilers learn to take the events that profiled calls bring back
 
     def register(self, registry: HandlerRegistry) -> None:
         # user code runs inline on the reader until it waits or runs long (see runtime/reader.py)
@@ -46,20 +47,20 @@ class CallService:
         """
         dest, timeout = self._target(to, timeout)
         if not profiling.enabled():
-            return self._send_call(dest, func, args, kwargs, timeout, False)
-        return profiling.profiled_async(self._event("async", func, dest),
-                                        lambda: self._send_call(dest, func, args, kwargs, timeout, True))
+            return self._send_call(dest, func, args, kwargs, timeout, 0)
+        return profiling.profiled_async(self._event(profiling.RPCExecMode.ASYNC, func, dest), dest,
+                                        lambda flags: self._send_call(dest, func, args, kwargs, timeout, flags))
 
     def call_sync(self, to: Any, func: Callable, args: tuple, kwargs: dict, timeout: float) -> Any:
         """Run ``func(*args, **kwargs)`` on worker ``to`` and return its result."""
         dest, timeout = self._target(to, timeout)
         if not profiling.enabled():
-            return self._send_call(dest, func, args, kwargs, timeout, False, lead=True).wait()
-        return profiling.profiled_sync(self._event("sync", func, dest),
-                                       lambda: self._send_call(dest, func, args, kwargs, timeout, True))
+            return self._send_call(dest, func, args, kwargs, timeout, 0, lead=True).wait()
+        return profiling.profiled_sync(self._event(profiling.RPCExecMode.SYNC, func, dest), dest,
+                                       lambda flags: self._send_call(dest, func, args, kwargs, timeout, flags))
 
-    def _event(self, kind: str, func: Callable, dest: int) -> str:
-        return f"rpc_{kind}#{func_name(func)}({self.endpoint.name} -> {self.endpoint.peers.name_of(dest)})"
+    def _event(self, mode: profiling.RPCExecMode, func: Callable, dest: int) -> str:
+        return profiling.rpc_key(mode, func, self.endpoint.name, self.endpoint.peers.name_of(dest))
 
     def _target(self, to: Any, timeout: float) -> tuple[int, float]:
         """The destination's id and the effective timeout of a call (raises if shut down)."""
@@ -67,8 +68,9 @@ class CallService:
         return self.endpoint.peers.resolve(to).id, self.endpoint.timeout(timeout)
 
     def _send_call(self, dest: int, func: Callable, args: tuple, kwargs: dict, timeout: float,
-                   profiled: bool, lead: bool = False) -> torch.futures.Future:
-        """Send the call; with ``lead``, the caller waits for it at once and reads the reply itself."""
+                   profiled: int, lead: bool = False) -> torch.futures.Future:
+        """Send the call (``profiled``: its ``ProfileFlags``); with ``lead``, the caller waits for
+        it at once and reads the reply itself."""
         payloads = self.payloads
         session = payloads.session(dest)
         payload = payloads.dumps_call(func, args, kwargs, session, dest)
@@ -173,14 +175,18 @@ class CallService:
         tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
         print(f"On {self.endpoint.peers.me!r}:\n{e!r}\n{tb}", file=sys.stderr, flush=True)
 
-    def _run_call(self, src: int, payload: m.Payload, tag: Optional[m.AutogradTag], done: Done) -> None:
-        """Unpickle and run a call's function inside the caller's context; ``done`` when it finishes."""
+    def _run_call(self, src: int, payload: m.Payload, tag: Optional[m.AutogradTag], done: Done,
+                  wrap: Optional[Callable[[Callable], Callable]] = None) -> None:
+        """Unpickle and run a call's function (``wrap(func)``, if given) inside the caller's
+        context; ``done`` when it finishes."""
         users: list = []
         try:
             func, args, kwargs = self.payloads.load_call(src, payload, tag, users)
         except BaseException as e:
             done(None, e)
             return
+        if wrap is not None:
+            func = wrap(func)
         cid = tag.context_id if tag else None
 
         def run() -> None:
@@ -195,17 +201,35 @@ class CallService:
             run()
 
     def handle_call(self, src: int, msg: m.PythonCall, tag: Optional[m.AutogradTag] = None) -> None:
+        if msg.profile:
+            self._handle_profiled_call(src, msg, tag)
+            return
         cid = tag.context_id if tag else None
+
+        def done(value: Any, error: Optional[BaseException]) -> None:
+            if error is not None:
+                self.endpoint.reply_error(src, msg.msg_id, error)
+            else:
+                self.payloads.reply_value(src, msg.msg_id, value, context_id=cid)
+
+        self._run_call(src, msg.payload, tag, done)
+
+    def _handle_profiled_call(self, src: int, msg: m.PythonCall, tag: Optional[m.AutogradTag]) -> None:
+        """A call from a profiled caller: the reply says how long the function ran and, if asked,
+        brings the events of the function's run under torch's profiler (see remote_events)."""
+        cid = tag.context_id if tag else None
+        capture = remote_events.Capture(msg.profile) if msg.profile & m.ProfileFlags.EVENTS else None
         started = time.perf_counter_ns()
 
         def done(value: Any, error: Optional[BaseException]) -> None:
             if error is not None:
                 self.endpoint.reply_error(src, msg.msg_id, error)
             else:
-                ran = (time.perf_counter_ns() - started) if msg.profile else 0
-                self.payloads.reply_value(src, msg.msg_id, value, context_id=cid, remote_ns=ran)
+                ran = max(1, time.perf_counter_ns() - started)
+                self.payloads.reply_value(src, msg.msg_id, value, context_id=cid, remote_ns=ran,
+                                          events=capture.encode() if capture else None)
 
-        self._run_call(src, msg.payload, tag, done)
+        self._run_call(src, msg.payload, tag, done, capture.wrap if capture else None)
 
     def handle_remote(self, src: int, msg: m.RemoteCall, tag: Optional[m.AutogradTag] = None) -> None:
         endpoint = self.endpoint

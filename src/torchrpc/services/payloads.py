@@ -147,8 +147,9 @@ class Payloads:
                 tag, reply = m.AutogradTag.of(reply), reply.inner
             if error is None:
                 if isinstance(reply, reply_cls):
-                    if getattr(reply, "remote_ns", 0):
+                    if getattr(reply, "remote_ns", 0):  # a profiled call's reply
                         fut._remote_ns = reply.remote_ns  # type: ignore[attr-defined]
+                        fut._remote_events = getattr(reply, "events", None)  # type: ignore[attr-defined]
                     try:
                         fut.set_result(self.loads(reply.payload, dest, tag))
                         return
@@ -161,8 +162,9 @@ class Payloads:
         return on_reply
 
     def reply_value(self, dest: int, msg_id: int, value: Any, reply_cls: type = m.PythonReturn,
-                    context_id: Optional[int] = None, remote_ns: int = 0) -> None:
-        """Reply to request ``msg_id`` with ``value`` pickled (an error reply if it cannot be)."""
+                    context_id: Optional[int] = None, remote_ns: int = 0, events: Optional[str] = None) -> None:
+        """Reply to request ``msg_id`` with ``value`` pickled (an error reply if it cannot be); with
+        ``remote_ns`` (a profiled call's), its run time, and with ``events`` its profiler events."""
         endpoint = self.endpoint
         session = SendSession(self.rrefs, context_id, dest)
         try:
@@ -171,7 +173,12 @@ class Payloads:
             session.cancel()
             endpoint.reply_error(dest, msg_id, e)
             return
-        reply: m.Message = reply_cls(msg_id, payload, remote_ns) if remote_ns else reply_cls(msg_id, payload)
+        if not remote_ns:
+            reply: m.Message = reply_cls(msg_id, payload)
+        elif events is None:
+            reply = reply_cls(msg_id, payload, remote_ns)
+        else:
+            reply = m.ProfiledReturn(msg_id, payload, remote_ns, events)
         tag = self.tag(session, dest)
         if tag is not None:
             reply = tag.wrap(reply)
