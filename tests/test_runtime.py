@@ -27,7 +27,7 @@ from torchrpc.runtime.faults import Faults, FaultyConnection
 from torchrpc.runtime.heartbeat import HEARTBEAT_MISSES, Heartbeats
 from torchrpc.runtime.lease import Leases, LeaseState, ReadLease
 from torchrpc.runtime.peers import PeerTable
-from torchrpc.runtime.pending import ANYONE, WAITER, PendingTable
+from torchrpc.runtime.pending import ANYONE, CLAIM, WAITER, PendingTable
 from torchrpc.runtime.reader import Readers
 from torchrpc.runtime.registry import Handler, HandlerRegistry, Run
 from torchrpc.runtime.watchdog import Watchdog
@@ -85,7 +85,7 @@ def run_threads(target, n: int, *args) -> None:
 def test_pending_ids_increase_and_entries_keep_what_was_added():
     table = PendingTable(clock=FakeClock())
     cb = Calls()
-    ids = [table.add(i % 3, f"req{i}", 0, cb, reader=r) for i, r in enumerate([ANYONE, WAITER, ANYONE, ANYONE])]
+    ids = [table.add(i % 3, f"req{i}", 0, cb, reader=r) for i, r in enumerate([CLAIM, WAITER, ANYONE, CLAIM])]
     assert ids == sorted(ids) and len(set(ids)) == 4 and ids[0] >= 1
     e = table.get(ids[1])
     assert (e.dest, e.desc, e.timeout, e.deadline, e.callback, e.reader) == (1, "req1", 0, 0.0, cb, WAITER)
@@ -554,7 +554,7 @@ def test_dispatch_forward_autograd_request_returns_its_tag(d):
     assert got == tag and isinstance(got, m.AutogradTag)
 
 
-@pytest.mark.parametrize("who, expected", [(WAITER, "LED"), (ANYONE, None)])
+@pytest.mark.parametrize("who, expected", [(WAITER, "LED"), (CLAIM, None), (ANYONE, None)])
 def test_dispatch_reply_completes_the_pending_callback(d, who, expected):
     cb = Calls()
     i = d.pending.add(1, "call", 5.0, cb, reader=who)

@@ -20,7 +20,7 @@ from ..options import UNSET_RPC_TIMEOUT
 from ..protocol import messages as m
 from ..transport import ConnectionClosed
 from .peers import PeerTable
-from .pending import ANYONE, WAITER, Pending, PendingTable, ReplyCallback
+from .pending import ANYONE, CLAIM, WAITER, Pending, PendingTable, ReplyCallback
 from .pool import Pool
 from .reader import Readers
 
@@ -100,18 +100,21 @@ class Endpoint:
             raise self.peers.unavailable(dest, e) from e
 
     def request(self, dest: int, msg: m.Message, timeout: float, desc: str, callback: ReplyCallback,
-                tag: Optional[m.AutogradTag] = None, defer: bool = False, reader: str = ANYONE) -> int:
+                tag: Optional[m.AutogradTag] = None, defer: bool = False, reader: str = CLAIM) -> int:
         """Send a request; ``callback(reply, error)`` runs exactly once (reply, timeout or
         failure). Its message id.
 
         The reply is read by the thread that waits for it if nobody else reads ``dest``'s
-        connection then (``WAITER``: :meth:`Readers.wait_reply`), else by whoever reads it:
-        a reader, or the watcher of free connections (``ANYONE``)."""
+        connection then (``WAITER``: :meth:`Readers.wait_reply`), else by whoever reads it: a
+        reader, or the watcher of free connections, at once (``CLAIM``) or within a few
+        milliseconds (``ANYONE``: an ack nobody waits for; see :meth:`Readers.claim`)."""
         if not defer:
             self.readers.hand_off()  # a reader that sends a request likely waits for the reply
             if self._later:
                 self.send_later(dest)
         msg_id = msg.msg_id = self.pending.add(dest, desc, timeout, callback, reader)
+        if reader is CLAIM:  # after the entry above: see Readers._park
+            self.readers.claim(dest)
         try:
             self.send(dest, (tag.wrap(msg) if tag else msg).encode(), defer)
         except BaseException:
@@ -141,7 +144,7 @@ class Endpoint:
 
         try:
             self.check_open()
-            self.request(dest, msg, self.rpc_timeout, type(msg).__name__, on_reply, reader=WAITER if lead else ANYONE)
+            self.request(dest, msg, self.rpc_timeout, type(msg).__name__, on_reply, reader=WAITER if lead else CLAIM)
         except BaseException as e:
             fut.set_exception(e)
         return fut
@@ -170,7 +173,9 @@ class Endpoint:
         if self.rpc_timeout:
             timeout = min(timeout, self.rpc_timeout)
         try:
-            self.request(dest, msg, timeout, type(msg).__name__, on_reply, defer=defer)
+            # an ack nobody waits for (a delete, a cleanup) may wait for the next reader
+            self.request(dest, msg, timeout, type(msg).__name__, on_reply, defer=defer,
+                         reader=ANYONE if on_done is None else CLAIM)
         except BaseException as e:
             on_reply(None, e)
 

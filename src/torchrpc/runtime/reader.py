@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -37,6 +36,7 @@ from ..errors import ProtocolError
 from ..protocol import messages as m
 from ..transport import Connection, ConnectionClosed
 from ..transport.base import block_hook, set_block_hook
+from .idle import IdleSet
 from .lease import Leases, ReadLease
 from .peers import PeerTable
 from .pending import WAITER, PendingTable
@@ -65,6 +65,10 @@ QUICK_S = 200e-6
 #: waits for may need that CPU; with none, ``sched_yield`` returns at once. 0 turns polling off.
 SPIN_S = float(os.environ.get("TORCHRPC_SPIN_US", "200")) / 1e6
 MONITOR_PARK_AFTER = 0.25
+#: A connection a waiting thread leaves free while only acks nobody waits for are expected
+#: on it is armed for the watcher this much later: the thread's next call usually reads
+#: them in passing, with no thread woken for them (see IdleSet.park).
+LAZY_FOR = HANDOFF_AFTER
 #: A thread reading its own reply looks at its future this often while no frame comes:
 #: a timeout or a failure may end it without one.
 LEAD_WAIT_S = 0.05
@@ -77,9 +81,6 @@ LED: Any = object()
 NOTHING: Any = object()
 
 _tls = threading.local()
-#: what the watcher waits for on a free connection: input or its end, once (re-armed when
-#: the lease is left free again, so exactly one wake-up per arrival)
-_WATCH = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT if hasattr(select, "epoll") else 0
 
 
 class Readers:
@@ -99,12 +100,8 @@ class Readers:
         self._closing = closing
         self._monitor_wake = threading.Event()
         self._monitor_parked = False
-        # the watcher: an epoll set of the free connections, and who holds the role
-        self._epoll = select.epoll() if _WATCH else None
-        self._watched: dict[int, ReadLease] = {}  # fd -> the lease left free with it
-        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) if _WATCH else -1
-        if self._epoll is not None:
-            self._epoll.register(self._wake_fd, select.EPOLLIN)
+        # the watcher: the set of free connections, and who holds the role
+        self.idle = IdleSet(self.leases, pending.awaits)
         self._watch_lock = threading.Lock()
         self._watcher = 0  # the generation of the role; a holder of an older one steps down
         #: (generation, since) while the watcher reads a connection: the monitor looks at it
@@ -141,13 +138,18 @@ class Readers:
         if not fut.done():
             lease = self.leases.take_free(dest)
             if lease is not None:
-                self._unwatch(lease)
+                self.idle.unwatch(lease)
                 self._lead(lease, fut)
+
+    def claim(self, peer: int) -> None:
+        """A request to ``peer`` whose reply is needed as soon as it comes was registered: if
+        ``peer``'s connection was left free unarmed, arm it now (see :meth:`IdleSet.park`)."""
+        self.idle.claim(peer)
 
     def start_watching(self) -> None:
         """Give the watcher's role to a pool thread (it keeps it until :meth:`stop`, or until it
         passes the role on)."""
-        if self._epoll is not None:
+        if self.idle.available:
             self._pool.submit(self._watch, 0)
 
     def stop(self) -> None:
@@ -155,15 +157,11 @@ class Readers:
         self._stopped = True
         self.leases.clear()
         self._monitor_wake.set()
-        if self._epoll is not None:
-            os.eventfd_write(self._wake_fd, 1)
+        self.idle.stop()
 
     def close(self) -> None:
         """Release the watcher's descriptors (after :meth:`stop`, once the threads are joined)."""
-        if self._epoll is not None:
-            self._epoll.close()
-            os.close(self._wake_fd)
-            self._wake_fd = -1
+        self.idle.close()
 
     # --- dispatch --------------------------------------------------------------------
 
@@ -216,7 +214,7 @@ class Readers:
 
     def _read(self, lease: ReadLease, job: Any = None) -> bool:
         """Read frames; complete replies and serve small requests here, inline, until nothing
-        has arrived: then leave the connection to the watcher (:meth:`_park`).
+        has arrived: then leave the connection to the watcher (:meth:`IdleSet.park`).
 
         Leader/follower: before a request that may block, the reading is queued for
         another pool thread, so reading never waits for user code; this thread then
@@ -233,7 +231,7 @@ class Readers:
                     flushed = self._flush(peer, conn)
                     if not leases.end_frame(lease) or not flushed:
                         return served_request
-                if conn.idle() and self._park(lease):
+                if conn.idle() and self.idle.park(lease):
                     return served_request
                 served += 1
                 job = self._next_job(lease, poll=False)
@@ -315,76 +313,48 @@ class Readers:
                     return
                 if not self.leases.end_frame(lease):
                     return  # a callback ran long and the monitor handed the reading on
-            if not conn.idle() or not self._park(lease):
+            # nothing awaited from the peer: the acks still to come can wait for our next call
+            lazy = not self._pending.awaits(peer)
+            if not conn.idle() or not self.idle.park(lease, lazy=lazy):
                 self._pool.submit(self._read_loop, peer, conn, lease)
+            elif lazy:
+                self._wake_monitor()  # it arms the connection LAZY_FOR from now
         finally:
             _tls.lease = prev_lease
             set_block_hook(prev_hook)
 
     # --- the watcher -------------------------------------------------------------------
 
-    def _park(self, lease: ReadLease) -> bool:
-        """Leave ``lease``'s connection free, to the watcher (or to a thread that waits for a
-        reply from that peer): call only while it is idle. False if it cannot be
-        watched (the caller keeps reading: it blocks in ``recv``)."""
-        conn = lease.conn
-        fd = conn.fileno() if self._epoll is not None and not self._stopped and not conn.has_deferred else None
-        if fd is None:
-            return False
-        self.leases.leave_free(lease, time.monotonic())
-        self._watched[fd] = lease
-        try:  # armed only now that the lease is free: the watcher's wake-up finds it so
-            try:
-                self._epoll.modify(fd, _WATCH)  # type: ignore[union-attr]
-            except FileNotFoundError:
-                self._epoll.register(fd, _WATCH)  # type: ignore[union-attr]
-        except (OSError, ValueError):  # closed meanwhile: read on, recv reports the end
-            return not self.leases.take(lease)
-        return True
-
-    def _unwatch(self, lease: ReadLease) -> None:
-        """A thread took a free lease to read it itself: the watcher need not wake for it."""
-        fd = lease.conn.fileno()
-        if fd is not None and self._epoll is not None:
-            try:
-                self._epoll.modify(fd, 0)
-            except (OSError, ValueError):
-                pass
-
     def _watch(self, gen: int) -> None:
         """Hold the watcher's role of generation ``gen``: wait for input on the free
         connections and read each one that has some, here, until nothing more has arrived on
         it; poll a while after serving a request (see ``SPIN_S``). Returns once the role has
         passed on (see :meth:`_replace_watcher`) or the readers stopped."""
-        epoll, wake_fd, leases = self._epoll, self._wake_fd, self.leases
-        assert epoll is not None
+        idle = self.idle
         _tls.watcher = gen
-        spin_until = 0.0
+        spin_until = blocked = 0.0
         try:
             while self._watcher == gen and not self._stopped:
-                timeout = 0 if spin_until else -1
+                if not spin_until:
+                    blocked = time.perf_counter()
                 try:
-                    events = epoll.poll(timeout, 1)
-                except InterruptedError:
-                    continue
+                    came, lease = idle.wait(0 if spin_until else -1)
                 except (OSError, ValueError):
                     return  # closed: the readers stopped
-                if not events:
+                if not came:
                     if time.perf_counter() < spin_until:
                         os.sched_yield()
                         continue
                     if spin_until:
-                        self._watch_spin -= 1
+                        self._watch_spin -= 1  # a poll in vain: poll less
                     spin_until = 0.0
                     continue
                 if spin_until:
                     self._watch_spin = min(self._watch_spin + 1, 4)
-                fd = events[0][0]
-                if fd == wake_fd:
-                    continue
-                lease = self._watched.get(fd)
-                if lease is None or not leases.take(lease):
-                    continue  # a waiting thread took it to read its reply itself
+                elif self._watch_spin <= 0 and time.perf_counter() - blocked < SPIN_S:
+                    self._watch_spin = 1  # polling would have found this one
+                if lease is None:
+                    continue  # a waiting thread took it to read its reply itself, or a wake-up
                 reading = self._watcher_reading = (gen, time.monotonic())
                 self._wake_monitor()
                 served_request = self._read_loop(lease.peer, lease.conn, lease)
@@ -393,8 +363,6 @@ class Readers:
                         self._watcher_reading = None
                 spin_until = (time.perf_counter() + SPIN_S
                               if served_request and SPIN_S and self._watch_spin > 0 else 0.0)
-                if served_request and not spin_until:
-                    self._watch_spin = 1  # try polling again next time
         finally:
             _tls.watcher = None
 
@@ -426,7 +394,7 @@ class Readers:
         """Take ``lease`` out of BUSY and give the reading on: to the watcher if nothing has
         arrived on it, else to a pool thread; unless someone else took it first (then they did)."""
         if lease is not None and self.leases.end_frame(lease):
-            if lease.conn.has_deferred or not lease.conn.idle() or not self._park(lease):
+            if lease.conn.has_deferred or not lease.conn.idle() or not self.idle.park(lease):
                 self._pool.submit(self._read_loop, lease.peer, lease.conn)
 
     # --- the monitor -------------------------------------------------------------------
@@ -448,16 +416,17 @@ class Readers:
             time.sleep(HANDOFF_AFTER)
             now = time.monotonic()
             reading = self._watcher_reading
-            if leases.active or reading is not None:
+            if leases.active or reading is not None or self.idle.lazy:
                 quiet_since = now
                 if reading is not None and now - reading[1] >= HANDOFF_AFTER:
                     self._replace_watcher(reading[0])
                 for lease in leases.overdue(now, HANDOFF_AFTER):
                     self._pass(lease)
+                self.idle.arm_lazy(now, LAZY_FOR)
             elif now - quiet_since >= MONITOR_PARK_AFTER:
                 self._monitor_wake.clear()
                 self._monitor_parked = True
-                if not leases.active and self._watcher_reading is None:
+                if not leases.active and self._watcher_reading is None and not self.idle.lazy:
                     self._monitor_wake.wait()  # a reader that became busy before we parked has seen the flag
                 self._monitor_parked = False
                 quiet_since = time.monotonic()

@@ -15,7 +15,7 @@ from ..functions import func_name, is_async_function
 from ..protocol import messages as m
 from ..protocol.rref_context import OwnerRRef, RRefContext
 from ..runtime.endpoint import Endpoint
-from ..runtime.pending import ANYONE, WAITER
+from ..runtime.pending import CLAIM, WAITER
 from ..runtime.pool import Pool
 from ..runtime.registry import HandlerRegistry, Run
 from .payloads import Payloads, copy_payload
@@ -78,7 +78,7 @@ class CallService:
         try:
             self.endpoint.request(dest, m.PythonCall(0, payload, profiled), timeout, func_name(func),
                                   payloads.value_reply(fut, dest, m.PythonReturn), payloads.tag(session, dest),
-                                  reader=WAITER if lead else ANYONE)
+                                  reader=WAITER if lead else CLAIM)
         except BaseException:
             session.cancel()
             raise
