@@ -167,6 +167,8 @@ def call_back_later(caller, delay, value):
 
 
 def _peer_request_while_free(rank, world_size):
+    if rank == 0:
+        reader_mod.LAZY_FOR = 1.0  # worker1's request (at 0.3 s) waits for the lazy arming
     init(rank, world_size)
     out = {}
     if rank == 0:
@@ -175,13 +177,17 @@ def _peer_request_while_free(rank, world_size):
         agent = rpc.api.current.agent()
         assert rpc.rpc_sync("worker1", call_back_later, args=("worker0", 0.3, "hello"))
         out["free_after_call"] = left_free(agent, 1, within=0.2)  # nobody reads worker1's connection now
+        # nothing is awaited from worker1: left free unarmed, for the next call to read in passing
+        out["lazy_after_call"] = any(lease.peer == 1 for lease in list(agent.readers.idle.lazy))
         deadline = time.monotonic() + 20
         while not FLAG and time.monotonic() < deadline:
             time.sleep(0.01)
         out["flag"] = list(FLAG)
-        # the watcher read worker1's request, served it and left the reading free again
+        # the watcher read worker1's request, served it and left the reading free again; the
+        # request waited for the lazy arming, so worker1's connection is now left armed
         rpc.rpc_sync("worker1", add, args=(1, 2))
         out["free_after_that"] = left_free(agent, 1)
+        out["lazy_after_that"] = any(lease.peer == 1 for lease in list(agent.readers.idle.lazy))
     rpc.shutdown()
     return out
 
@@ -189,7 +195,8 @@ def _peer_request_while_free(rank, world_size):
 def test_a_request_the_peer_starts_is_served_while_the_reading_is_free():
     # only the watcher can pick the free reading up here: worker0 sends nothing more
     out = run_workers(_peer_request_while_free, 2, timeout=60)[0]
-    assert out == {"free_after_call": True, "flag": ["hello"], "free_after_that": True}
+    assert out == {"free_after_call": True, "lazy_after_call": True, "flag": ["hello"], "free_after_that": True,
+                   "lazy_after_that": False}
 
 
 def left_free(agent, peer: int, within: float = 2.0) -> bool:

@@ -37,6 +37,7 @@ class IdleSet:
         self._watched: dict[int, ReadLease] = {}  # fd -> the lease left free with it
         #: leases left free unarmed -> since when (see park)
         self.lazy: dict[ReadLease, float] = {}
+        self._late: set[ReadLease] = set()  # armed by arm_lazy, not taken since
         self._stopped = False
 
     def park(self, lease: ReadLease, lazy: bool = False) -> bool:
@@ -81,6 +82,7 @@ class IdleSet:
         """A thread took a free lease to read it itself: no wake-up for it."""
         if self.lazy.pop(lease, None) is not None:
             return  # never armed
+        self._late.discard(lease)
         fd = lease.conn.fileno()
         if fd is not None and self._epoll is not None:
             try:
@@ -100,7 +102,16 @@ class IdleSet:
         """Arm the connections left free unarmed ``after`` seconds ago or earlier."""
         for lease, since in list(self.lazy.items()):
             if now - since >= after and self.lazy.pop(lease, None) is not None:
+                self._late.add(lease)
                 self.arm(lease)
+
+    def armed_late(self, lease: ReadLease) -> bool:
+        """Whether ``lease``, just taken from :meth:`wait`, was armed by :meth:`arm_lazy` (what
+        arrived on it waited for that)."""
+        if lease in self._late:
+            self._late.discard(lease)
+            return True
+        return False
 
     def wait(self, timeout: float) -> tuple[bool, Optional[ReadLease]]:
         """Wait up to ``timeout`` s (-1: no limit, 0: a poll) for input on a free connection:

@@ -69,6 +69,9 @@ MONITOR_PARK_AFTER = 0.25
 #: on it is armed for the watcher this much later: the thread's next call usually reads
 #: them in passing, with no thread woken for them (see IdleSet.park).
 LAZY_FOR = HANDOFF_AFTER
+#: ... unless, within this many seconds, a request of the peer's waited for such a delay: a
+#: peer that starts requests finds its connection watched.
+EAGER_S = 1.0
 #: A thread reading its own reply looks at its future this often while no frame comes:
 #: a timeout or a failure may end it without one.
 LEAD_WAIT_S = 0.05
@@ -107,6 +110,7 @@ class Readers:
         #: (generation, since) while the watcher reads a connection: the monitor looks at it
         self._watcher_reading: Optional[tuple[int, float]] = None
         self._watch_spin = 1
+        self._eager_until: dict[int, float] = {}  # peer -> until when it is never left unarmed
         self._stopped = False
 
     # --- what other parts ask --------------------------------------------------------
@@ -202,7 +206,7 @@ class Readers:
                    job: Optional[Job] = None) -> bool:
         """Hold the reading of ``conn`` until it is handed on or left free (see :meth:`_read`);
         ``lease`` and ``job`` are the reading and the request a leader handed over (see
-        :meth:`_lead`). Whether a request was served last."""
+        :meth:`_lead`). Whether a request was served here."""
         lease = lease or ReadLease(peer, conn)
         _tls.lease = lease
         set_block_hook(self.hand_off)
@@ -218,11 +222,11 @@ class Readers:
 
         Leader/follower: before a request that may block, the reading is queued for
         another pool thread, so reading never waits for user code; this thread then
-        serves the request and goes back to the pool. Whether the last frame was a request
-        this thread served (the watcher polls after one)."""
+        serves the request and goes back to the pool. Whether this thread served a request
+        (the watcher polls after one)."""
         peer, conn, leases = lease.peer, lease.conn, self.leases
         served = FLUSH_AFTER  # first flush what a reader before us left deferred
-        served_request = False
+        served_any = False
         while True:
             if job is None:
                 if conn.has_deferred and (served >= FLUSH_AFTER or not conn.pending_input()):
@@ -230,13 +234,13 @@ class Readers:
                     leases.begin_frame(lease, lease.since)  # a flush that would wait hands the reading on first
                     flushed = self._flush(peer, conn)
                     if not leases.end_frame(lease) or not flushed:
-                        return served_request
+                        return served_any
                 if conn.idle() and self.idle.park(lease):
-                    return served_request
+                    return served_any
                 served += 1
                 job = self._next_job(lease, poll=False)
                 if job is NOTHING:
-                    return served_request
+                    return served_any
             served_request = job is not None and job is not LED
             if served_request:
                 fn, args, run = job
@@ -251,6 +255,7 @@ class Readers:
                         fn(*args)
                     except BaseException:  # a handler bug must not stop the reading
                         log.exception("torchrpc: unhandled error in %s", getattr(fn, "__qualname__", fn))
+                    served_any = True
                     if time.perf_counter() - started > QUICK_S:
                         served = FLUSH_AFTER  # only quick requests' replies wait for company
                 del fn, args
@@ -259,7 +264,7 @@ class Readers:
                 # its successor looked are ours to send
                 if conn.has_deferred:
                     self._flush(peer, conn)
-                return served_request
+                return served_any
             job = None
 
     def _next_job(self, lease: ReadLease, poll: bool, wait: Optional[float] = None) -> Any:
@@ -314,7 +319,7 @@ class Readers:
                 if not self.leases.end_frame(lease):
                     return  # a callback ran long and the monitor handed the reading on
             # nothing awaited from the peer: the acks still to come can wait for our next call
-            lazy = not self._pending.awaits(peer)
+            lazy = not self._pending.awaits(peer) and time.monotonic() >= self._eager_until.get(peer, 0.0)
             if not conn.idle() or not self.idle.park(lease, lazy=lazy):
                 self._pool.submit(self._read_loop, peer, conn, lease)
             elif lazy:
@@ -357,7 +362,10 @@ class Readers:
                     continue  # a waiting thread took it to read its reply itself, or a wake-up
                 reading = self._watcher_reading = (gen, time.monotonic())
                 self._wake_monitor()
+                late = idle.armed_late(lease)
                 served_request = self._read_loop(lease.peer, lease.conn, lease)
+                if late and served_request:  # a request waited for the lazy arming: no more of that
+                    self._eager_until[lease.peer] = time.monotonic() + EAGER_S
                 with self._watch_lock:
                     if self._watcher_reading is reading:
                         self._watcher_reading = None
