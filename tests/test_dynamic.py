@@ -64,6 +64,15 @@ def wait(event, what: str, timeout: float = 30) -> None:
         raise AssertionError(f"timed out waiting for {what}")
 
 
+def _shutdown_after_all(done, rank, what: str) -> None:
+    """Mark ``rank`` done (unless None), wait until every event in ``done`` is set, shut down."""
+    if rank is not None:
+        done[rank].set()
+    for e in done:
+        wait(e, what)
+    rpc.shutdown()
+
+
 # --- joining and calling ------------------------------------------------------------------
 
 
@@ -80,10 +89,7 @@ def _join_and_call(rank, world_size, joined, done):
     # every member, old or new, calls every other
     out.append([rpc.rpc_sync(name(r), whoami) for r in range(world_size)])
     out.append([rpc.get_worker_info(name(r)).id for r in range(world_size)])
-    done[rank].set()
-    for e in done:
-        wait(e, "the others' calls")
-    rpc.shutdown()
+    _shutdown_after_all(done, rank, "the others' calls")
     return seen_at_join, out
 
 
@@ -177,10 +183,7 @@ def _rrefs_across(rank, world_size, joined, done):
         wait(joined[2], "the last member")
         r2 = rpc.remote(name(2), torch.full, args=((3,), 2.0))
         out = [r2.to_here().tolist(), rpc.rpc_sync(name(0), rref_sum, args=(r2,))]
-    done[rank].set()
-    for e in done:
-        wait(e, "the others")
-    rpc.shutdown()
+    _shutdown_after_all(done, rank, "the others")
     return out
 
 
@@ -395,9 +398,7 @@ def _rejoin(rank, world_size, stage, done):
         r = rpc.remote(name(0), torch.ones, args=(2,))
         out.append(r.to_here().tolist())
         stage["rejoined"].set()
-        for e in done:
-            wait(e, "the others")
-        rpc.shutdown()
+        _shutdown_after_all(done, None, "the others")
         return out
     if rank > 0:
         wait(stage[rank - 1], "the previous member")
@@ -410,10 +411,7 @@ def _rejoin(rank, world_size, stage, done):
         return None
     wait(stage["rejoined"], "the new worker2")
     out = [rpc.rpc_sync(2, whoami), rpc.get_worker_info("worker2b").id, members()]
-    done[rank].set()
-    for e in done:
-        wait(e, "the other")
-    rpc.shutdown()
+    _shutdown_after_all(done, rank, "the other")
     return out
 
 

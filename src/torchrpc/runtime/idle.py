@@ -53,14 +53,15 @@ class IdleSet:
         if fd is None:
             return False
         self._watched[fd] = lease
+        now = time.monotonic()
         if lazy:
-            self.lazy[lease] = time.monotonic()
-            self._leases.leave_free(lease, time.monotonic())
+            self.lazy[lease] = now
+            self._leases.leave_free(lease, now)
             # a request registered after the caller looked may have missed the mark: look again
             if self._awaits(lease.peer) and self.lazy.pop(lease, None) is not None:
                 return self.arm(lease)
             return True
-        self._leases.leave_free(lease, time.monotonic())
+        self._leases.leave_free(lease, now)
         return self.arm(lease)  # armed only now that the lease is free: the wake-up finds it so
 
     def arm(self, lease: ReadLease) -> bool:
