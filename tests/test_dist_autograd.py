@@ -1681,3 +1681,53 @@ def _hooks_on_leaves(rank, world_size):
 
 def test_tensor_hooks_run_on_leaves_whose_gradient_comes_from_a_recv():
     assert run_workers(_hooks_on_leaves, 2)[0] == {"rpc_sync": True, "remote": True, "doubled": True}
+
+
+# --- where a worker runs the gradients delivered to it --------------------------------
+
+_BACKWARD_THREADS: list[str] = []
+
+
+def traced_b(x, big):
+    """On B: x * 2 (times a 2 MiB leaf of B's with ``big``), noting the thread its backward runs on."""
+    y = x * 2
+    y.register_hook(lambda g: _BACKWARD_THREADS.append(threading.current_thread().name))
+    if big:
+        if not _BIG:
+            _BIG.append(torch.ones(1 << 19, requires_grad=True))
+        return y.sum() * _BIG[0].sum()
+    return y
+
+
+def backward_threads():
+    got = list(_BACKWARD_THREADS)
+    _BACKWARD_THREADS.clear()
+    return got
+
+
+def _delivery_threads(rank, world_size):
+    init(rank, world_size, rpc_timeout=30)
+    out = {}
+    if rank == 0:
+        x = torch.ones(4, requires_grad=True)
+        for big in (False, True):
+            for _ in range(3):
+                with dist_autograd.context() as cid:
+                    y = rpc.rpc_sync(1, traced_b, args=(x, big))
+                    dist_autograd.backward(cid, [y.sum()])
+                    grad = dist_autograd.get_gradients(cid)[x]
+                    check(torch.allclose(grad, torch.full((4,), 2.0 * (1 << 19 if big else 1))), f"gradient {grad}")
+            out["big" if big else "small"] = rpc.rpc_sync(1, backward_threads)
+    rpc.shutdown()
+    return out
+
+
+def test_small_deliveries_run_on_the_reader_and_large_ones_on_the_autograd_pool():
+    """A small context's gradients run where they are read (no thread woken per hop). Once a
+    context of LARGE_CONTEXT_BYTES or more was released (a step's gradients are not in its
+    context before they run: the first large step cannot tell), the next steps run on the
+    autograd pool, on one thread (their tensors then come from one malloc arena)."""
+    out = run_workers(_delivery_threads, 2, timeout=60)[0]
+    assert len(out["small"]) == 3 and not any("-autograd" in t for t in out["small"]), out
+    assert len(out["big"]) == 3 and "-autograd" not in out["big"][0], out
+    assert out["big"][1] == out["big"][2] and out["big"][1].startswith("torchrpc-worker1-autograd"), out

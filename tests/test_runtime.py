@@ -457,14 +457,14 @@ def test_registry_refuses_replies_and_double_registration():
     f = Calls()
     reg.register(m.PythonCall, f, Run.INLINE)
     with pytest.raises(ValueError, match="already"):
-        reg.register(m.PythonCall, Calls(), Run.AUTOGRAD_POOL)
+        reg.register(m.PythonCall, Calls(), Run.HAND_OFF)
     assert reg.get(m.PythonCall) == Handler(f, Run.INLINE)  # the first stays
 
 
 def test_registry_wrap_keeps_the_policy():
     reg = HandlerRegistry()
     seen = []
-    reg.register(m.PropagateGradients, lambda src, msg, tag: seen.append(("inner", src)), Run.AUTOGRAD_POOL)
+    reg.register(m.PropagateGradients, lambda src, msg, tag: seen.append(("inner", src)), Run.HAND_OFF)
 
     def spy(fn):
         def wrapped(src, msg, tag):
@@ -474,7 +474,7 @@ def test_registry_wrap_keeps_the_policy():
 
     reg.wrap(m.PropagateGradients, spy)
     h = reg.get(m.PropagateGradients)
-    assert h.run is Run.AUTOGRAD_POOL
+    assert h.run is Run.HAND_OFF
     h.fn(3, None, None)
     assert seen == [("spy", 3), ("inner", 3)]
     with pytest.raises(KeyError):
@@ -483,12 +483,12 @@ def test_registry_wrap_keeps_the_policy():
 
 def test_registry_table_names_types_and_policies_in_type_order():
     reg = HandlerRegistry()
-    reg.register(m.RRefBackward, Calls(), Run.HAND_OFF)
+    reg.register(m.RRefBackward, Calls(), Run.INLINE)
     reg.register(m.PythonCall, Calls(), Run.INLINE)
-    reg.register(m.PropagateGradients, Calls(), Run.AUTOGRAD_POOL)
+    reg.register(m.PropagateGradients, Calls(), Run.HAND_OFF)
     table = reg.table()
-    assert table == {"PYTHON_CALL": "inline", "BACKWARD_AUTOGRAD_REQ": "autograd pool",
-                     "RREF_BACKWARD_REQ": "hand off"}
+    assert table == {"PYTHON_CALL": "inline", "BACKWARD_AUTOGRAD_REQ": "hand off",
+                     "RREF_BACKWARD_REQ": "inline"}
     assert list(table) == ["PYTHON_CALL", "BACKWARD_AUTOGRAD_REQ", "RREF_BACKWARD_REQ"]
 
 
@@ -513,13 +513,13 @@ class Dispatch:
         self.peers.set_workers(["w0", "w1", "w2"])
         self.pending = PendingTable(clock=FakeClock())
         self.registry = HandlerRegistry()
-        self.pool, self.autograd_pool = StubPool(), StubPool()
+        self.pool = StubPool()
         self.errors = Calls()
-        self.readers = Readers("w0", self.peers, self.pending, self.registry, self.pool, self.autograd_pool,
+        self.readers = Readers("w0", self.peers, self.pending, self.registry, self.pool,
                                reply_error=self.errors, closing=lambda: False)
         self.call = Calls()
         self.registry.register(m.PythonCall, self.call, Run.INLINE)
-        self.registry.register(m.PropagateGradients, Calls(), Run.AUTOGRAD_POOL)
+        self.registry.register(m.PropagateGradients, Calls(), Run.HAND_OFF)
 
     def __call__(self, src, msg_or_frame):
         frame = msg_or_frame.encode() if isinstance(msg_or_frame, m.Message) else msg_or_frame
@@ -540,10 +540,10 @@ def test_dispatch_request_returns_its_job(d):
     assert type(msg) is m.PythonCall and msg.msg_id == 5 and msg.profile == m.ProfileFlags.TIME
     assert bytes(msg.payload.data) == b"pickled"
     assert d.call.calls == [] and d.errors.calls == []  # dispatch only finds the job
-    assert d.pool.submitted == [] and d.autograd_pool.submitted == []
+    assert d.pool.submitted == []
 
     fn, args, run = d(2, m.PropagateGradients(6, 1, 2, [3], [None]))
-    assert run is Run.AUTOGRAD_POOL and args[0] == 2 and type(args[1]) is m.PropagateGradients
+    assert run is Run.HAND_OFF and args[0] == 2 and type(args[1]) is m.PropagateGradients
 
 
 def test_dispatch_forward_autograd_request_returns_its_tag(d):

@@ -90,7 +90,7 @@ class Agent:
         self.registry = HandlerRegistry()
         self._pool = Pool(options.num_worker_threads, f"torchrpc-{name}")
         self._autograd_pool = Pool(1, f"torchrpc-{name}-autograd")
-        self.readers = Readers(name, self.peers, self.pending, self.registry, self._pool, self._autograd_pool,
+        self.readers = Readers(name, self.peers, self.pending, self.registry, self._pool,
                                reply_error=lambda *a: self.endpoint.reply_error(*a), closing=lambda: self._closing)
         self.endpoint = Endpoint(name, rank, self.rpc_timeout, self.peers, self.pending, self.readers, self._pool)
         self.heartbeats = Heartbeats(self.peers, self.peers.lost)
@@ -100,7 +100,7 @@ class Agent:
 
         # the services
         self.ctx = RRefContext(rank, Outbox(self.endpoint))
-        self.autograd = DistAutograd(self.endpoint, self.ctx)
+        self.autograd = DistAutograd(self.endpoint, self.ctx, self._autograd_pool)
         payloads = Payloads(self.endpoint, self.ctx, self.autograd, world_size or MAX_RANK)
         self.calls = CallService(self.endpoint, payloads, self.ctx, self._pool)
         self.rrefs = RRefService(self.endpoint, self.ctx, payloads, self.autograd, self._pool)

@@ -200,7 +200,7 @@ class DistAutogradContext:
             tensors = list(self.grads.values())
             for ex in list(self.sends.values()) + list(self.recvs.values()):
                 tensors.extend(ex.tensors)
-        return sum(_nbytes(t) for t in tensors)
+        return sum(tensor_nbytes(t) for t in tensors)
 
     def clear(self) -> None:
         with self.lock:
@@ -213,10 +213,10 @@ class DistAutogradContext:
             self.direct_deliveries.clear()
 
 
-def _nbytes(t: torch.Tensor) -> int:
+def tensor_nbytes(t: torch.Tensor) -> int:
     """Bytes a tensor holds: a sparse one, those of its indices and values."""
     if t.layout is torch.sparse_coo:
-        return _nbytes(t._indices()) + _nbytes(t._values())
+        return tensor_nbytes(t._indices()) + tensor_nbytes(t._values())
     return t.numel() * t.element_size()
 
 

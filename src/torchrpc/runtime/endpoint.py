@@ -192,8 +192,10 @@ class Endpoint:
 
     def notify_later(self, dest: int, msg: m.Message) -> None:
         """Notify ``dest`` of ``msg`` when convenient: with the next request to any worker
-        (in the same system call, for its own destination) or the watchdog's next tick."""
-        self._later.append((dest, msg))
+        (in the same system call, for its own destination) or the watchdog's next tick;
+        nothing once shut down."""
+        if not self.closed:
+            self._later.append((dest, msg))
 
     def send_later(self, defer_to: Optional[int] = None) -> None:
         """Send the notifications :meth:`notify_later` queued; those for ``defer_to`` are

@@ -90,7 +90,7 @@ class Readers:
     """The read leases of one worker's connections and the threads that hold them."""
 
     def __init__(self, name: str, peers: PeerTable, pending: PendingTable, registry: HandlerRegistry,
-                 pool: Pool, autograd_pool: Pool, reply_error: Callable[[int, int, BaseException], None],
+                 pool: Pool, reply_error: Callable[[int, int, BaseException], None],
                  closing: Callable[[], bool]) -> None:
         self.name = name
         self.leases = Leases()
@@ -98,7 +98,6 @@ class Readers:
         self._pending = pending
         self._registry = registry
         self._pool = pool
-        self._autograd_pool = autograd_pool
         self._reply_error = reply_error
         self._closing = closing
         self._monitor_wake = threading.Event()
@@ -241,23 +240,18 @@ class Readers:
                 job = self._next_job(lease, poll=False)
                 if job is NOTHING:
                     return served_any
-            served_request = job is not None and job is not LED
-            if served_request:
+            if job is not None and job is not LED:
                 fn, args, run = job
-                if run is Run.AUTOGRAD_POOL:
-                    self._autograd_pool.submit(fn, *args)
-                    served_request = False
-                else:
-                    if run is Run.HAND_OFF:
-                        self.hand_off()
-                    started = time.perf_counter()
-                    try:
-                        fn(*args)
-                    except BaseException:  # a handler bug must not stop the reading
-                        log.exception("torchrpc: unhandled error in %s", getattr(fn, "__qualname__", fn))
-                    served_any = True
-                    if time.perf_counter() - started > QUICK_S:
-                        served = FLUSH_AFTER  # only quick requests' replies wait for company
+                if run is Run.HAND_OFF:
+                    self.hand_off()
+                started = time.perf_counter()
+                try:
+                    fn(*args)
+                except BaseException:  # a handler bug must not stop the reading
+                    log.exception("torchrpc: unhandled error in %s", getattr(fn, "__qualname__", fn))
+                served_any = True
+                if time.perf_counter() - started > QUICK_S:
+                    served = FLUSH_AFTER  # only quick requests' replies wait for company
                 del fn, args
             if not leases.end_frame(lease):
                 # handed on: another thread reads now; replies this thread deferred after

@@ -22,11 +22,6 @@ class Run(enum.Enum):
     #: on the reader's thread too, but only after it passed the reading on: for work that
     #: waits on other messages (a discovery round of a backward pass)
     HAND_OFF = "hand off"
-    #: queued on the autograd pool while the reader reads on: a training step's backward
-    #: work then runs on the same thread each step, as torch runs it on its engine's
-    #: thread, and its gradients come from one malloc arena (spread over the threads that
-    #: happened to be reading, W5's stage workers took ~1,500 page faults per step, ~400 so)
-    AUTOGRAD_POOL = "autograd pool"
 
 
 #: ``fn(src, msg, tag)``: ``tag`` is the AutogradTag of a request that came inside a

@@ -35,8 +35,10 @@ from ..futures import wait_all
 from ..protocol import messages as m
 from ..protocol.rref_context import RRefContext
 from ..runtime.endpoint import Endpoint
+from ..runtime.pool import Pool
 from ..runtime.registry import HandlerRegistry, Run
-from ..protocol.autograd_context import ContextContainer, DistAutogradContext, PassState, UnknownContextError
+from ..protocol.autograd_context import (ContextContainer, DistAutogradContext, PassState, UnknownContextError,
+                                        tensor_nbytes)
 from ..protocol.autograd_engine import Outcome, edge_of, walk
 
 
@@ -44,8 +46,9 @@ from ..protocol.autograd_engine import Outcome, edge_of, walk
 Returned = tuple[int, list]  # gradients going back to the requester: (its send's id, per-tensor grads)
 
 
-#: A cleanup request for a context holding this many bytes of tensors is not served by
-#: the connection's reader (see runtime/reader.py): freeing them takes a while.
+#: A context holding this many bytes of tensors is large: a cleanup request for it is not
+#: served by the connection's reader (see runtime/reader.py), freeing them takes a while;
+#: and gradients delivered in it run on the autograd pool (see handle_propagate).
 LARGE_CONTEXT_BYTES = 1 << 20
 
 
@@ -65,11 +68,16 @@ class DistBackwardError(RPCError):
 class DistAutograd:
     """Distributed autograd on one worker: its contexts, and the passes it takes part in.
     Talks to peers through an :class:`~torchrpc.runtime.endpoint.Endpoint`; finds the values
-    of RRefs (for ``RRef.backward``) in the worker's RRef context."""
+    of RRefs (for ``RRef.backward``) in the worker's RRef context; runs large gradient
+    deliveries on ``pool`` (the autograd pool)."""
 
-    def __init__(self, endpoint: Endpoint, rrefs: RRefContext) -> None:
+    def __init__(self, endpoint: Endpoint, rrefs: RRefContext, pool: Pool) -> None:
         self.endpoint = endpoint
         self.rrefs = rrefs
+        self.pool = pool
+        #: whether the last context released here held LARGE_CONTEXT_BYTES: training steps
+        #: repeat their shape, and a step's gradients are not in its context before they run
+        self._steps_large = False
         self.rank, self.name = endpoint.rank, endpoint.name
         self.contexts = ContextContainer(endpoint.rank)
         self._ids = itertools.count(1)
@@ -78,8 +86,8 @@ class DistAutograd:
     def register(self, registry: HandlerRegistry) -> None:
         # a discovery round waits on other workers' rounds: the reader hands the reading on first
         registry.register(m.BackwardDiscover, self.handle_discover, Run.HAND_OFF)
-        # gradient deliveries run on the autograd pool (see Run.AUTOGRAD_POOL)
-        registry.register(m.PropagateGradients, self.handle_propagate, Run.AUTOGRAD_POOL)
+        # inline, unless the context is large: then handle_propagate queues it on the autograd pool
+        registry.register(m.PropagateGradients, self.handle_propagate, Run.INLINE)
         # inline, unless the context holds large tensors: then handle_cleanup hands the reading on
         registry.register(m.CleanupAutogradContext, self.handle_cleanup, Run.INLINE)
         # the pass it starts sends requests, and sending one hands the reading on
@@ -110,15 +118,20 @@ class DistAutograd:
     # --- cleanup -------------------------------------------------------------------
 
     def release(self, context_id: int, from_peer: Optional[int] = None) -> None:
-        """Drop the context here and tell every worker it touched (except ``from_peer``)."""
+        """Drop the context here and tell every worker it touched (except ``from_peer``).
+
+        The cleanups go with this worker's next request (a training loop's next step sends
+        one at once), or within a watchdog tick: no thread is woken for them, and a step's
+        first call does not compete with them for the interpreter."""
         ctx = self.contexts.pop(context_id)
         if ctx is None:
             return
         with ctx.lock:
             peers = sorted(ctx.known_workers - {from_peer, self.rank})
+            self._steps_large = ctx.nbytes() >= LARGE_CONTEXT_BYTES
             ctx.clear()
         for peer in peers:
-            self.endpoint.notify_soon(peer, m.CleanupAutogradContext(0, context_id))
+            self.endpoint.notify_later(peer, m.CleanupAutogradContext(0, context_id))
 
     def handle_cleanup(self, src: int, msg: m.CleanupAutogradContext, ag: Any = None) -> None:
         ctx = self.contexts.find(msg.context_id)
@@ -221,6 +234,24 @@ class DistAutograd:
         self.endpoint.reply_ack(src, msg.msg_id)
 
     def handle_propagate(self, src: int, msg: m.PropagateGradients, ag: Any = None) -> None:
+        """Gradients for this worker's sends: run its part of the pass, and answer once all the
+        work that set off has finished everywhere.
+
+        A small pass runs here, on the reader: no thread is woken for it (a nested chain's
+        backward crosses every worker twice). A large one (``LARGE_CONTEXT_BYTES`` in the
+        context and the gradients, or in the last context released here) runs on the
+        autograd pool while the reader reads on: a training step's backward work then runs
+        on the same thread each step, as torch runs it on its engine's thread, and its
+        tensors come from one malloc arena (spread over the threads that happened to be
+        reading, W5's stage workers took ~1,500 page faults per step, ~400 so)."""
+        ctx = self.contexts.find(msg.context_id)
+        if ctx is not None and (self._steps_large or ctx.nbytes() + sum(
+                tensor_nbytes(g) for g in msg.grads if g is not None) >= LARGE_CONTEXT_BYTES):
+            self.pool.submit(self._propagate, src, msg)
+        else:
+            self._propagate(src, msg)
+
+    def _propagate(self, src: int, msg: m.PropagateGradients) -> None:
         try:
             ctx = self.contexts.get(msg.context_id)
             parts = self._split(ctx, src, msg.autograd_message_ids, msg.grads)

@@ -31,8 +31,7 @@ class Outbox:
 
     def __call__(self, dest: int, msg: m.Message, on_done: Optional[Callable[[Optional[BaseException]], None]]) -> None:
         if type(msg) is m.RRefUserDelete and on_done is None:
-            if not self.endpoint.closed:
-                self.endpoint.notify_later(dest, msg)
+            self.endpoint.notify_later(dest, msg)
         else:
             self.endpoint.notify_soon(dest, msg, on_done)
 
