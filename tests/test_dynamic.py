@@ -472,7 +472,7 @@ def test_mixing_static_and_dynamic_members_is_an_error(order):
     assert res[:-1] == ([1, 2] if order == "static first" else ["ok"])
 
 
-def _bad_joins(rank, world_size, joined, tried):
+def _bad_joins(rank, world_size, joined, tried, looked):
     if rank < 2:
         if rank == 1:
             wait(joined[0], "rank 0")
@@ -481,6 +481,8 @@ def _bad_joins(rank, world_size, joined, tried):
         wait(tried, "the bad joins")
         got = rpc.rpc_sync(name(1 - rank), add, args=(rank, 10))  # the group still works
         members_now = members()
+        looked[rank].set()
+        wait(looked[1 - rank], "the other member's look")  # before either leaves the group
         rpc.shutdown()
         return got, members_now
     for e in joined:
@@ -505,7 +507,8 @@ def _bad_joins(rank, world_size, joined, tried):
 
 def test_bad_joins_fail_clearly_and_the_group_keeps_working():
     ctx = get_context()
-    r0, r1, (errors, got) = run_workers(_bad_joins, 3, args=([ctx.Event(), ctx.Event()], ctx.Event()),
+    r0, r1, (errors, got) = run_workers(_bad_joins, 3, args=([ctx.Event(), ctx.Event()], ctx.Event(),
+                                                             [ctx.Event(), ctx.Event()]),
                                         env=DYNAMIC, timeout=90)
     assert (r0, r1, got) == ((10, ["worker0", "worker1"]), (11, ["worker0", "worker1"]), 12)
     (t1, e1), (t2, e2) = errors

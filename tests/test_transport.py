@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from torchrpc import transport
-from torchrpc.transport import ConnectionClosed, tcp
+from torchrpc.transport import ConnectionClosed, auth, tcp
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -83,7 +83,7 @@ def _read_n(sock, n):
 def client_handshake(sock):
     """Do the connector's side of the transport handshake by hand (no secret, no shared memory,
     empty identities: the listener fixture has none)."""
-    hello, nonce = b"torchrpc-tcp/3", bytes(32)
+    hello, nonce = auth.PROTOCOL, bytes(32)
     sock.sendall(struct.pack("<I3Q", 3, len(hello), len(nonce), 0) + hello + nonce)
     _read_n(sock, 4 + 24 + 32)  # [nonce_s, empty identity, empty proof]
     sock.sendall(struct.pack("<I3Q", 3, 0, 0, 0))  # [empty proof, no probe]

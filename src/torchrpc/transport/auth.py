@@ -10,17 +10,12 @@ a connector never reveals a proof to an impostor listener.
 **Frames.** The handshake also yields one key per direction. Every later frame carries
 a 16-byte tag over its sequence number and all its bytes (header and buffers, in wire
 order), so a relay that forwarded the handshake can neither inject, drop-and-replace,
-reorder, replay nor alter a frame. Which MAC depends on the frame's size (both sides know
-it from the header), each the fastest there on this machine:
-
-* under 2 KiB: keyed BLAKE2b (0.4 us for a small call; but 0.8 GB/s);
-* up to 128 KiB: Poly1305 under a one-time key derived from the sequence number
-  (2.4 us to start, then ~10 GB/s);
-* larger: AES-256-GCM's authentication alone (GMAC: the frame as associated data, the
-  sequence number as the nonce, so no nonce repeats under a key; 7.5 us to start, then
-  ~28 GB/s with AES-NI).
-
-Large frames are fed to the MAC while they are sent and received.
+reorder, replay nor alter a frame. The tag is AES-256-GCM's authentication alone (GMAC:
+the frame as associated data, no plaintext, the sequence number as the nonce, so no nonce
+repeats under a key; ~28 GB/s with AES-NI). A frame under ``LARGE_FRAME`` bytes is tagged
+in one call over its joined pieces (0.6 us for a small call, 3.5 us for 64 KiB, no object
+set up per frame); a larger one is fed to the MAC while it is sent and received (7.5 us to
+set up). Both give the same tag.
 
 Without a secret (an explicit opt-out) every proof is empty and frames carry no tag.
 """
@@ -33,15 +28,14 @@ import struct
 from typing import Optional, Protocol
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.poly1305 import Poly1305
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 NONCE_BYTES = 32
 TAG_BYTES = 16
-#: Frames of at least this many bytes are tagged with Poly1305, smaller ones with BLAKE2b ...
-MEDIUM_FRAME = 1 << 11
-#: ... and from this many bytes on with GMAC.
+#: Frames of at least this many bytes are tagged as they are sent and received; smaller
+#: ones in one call once whole.
 LARGE_FRAME = 1 << 17
-PROTOCOL = b"torchrpc-tcp/3"
+PROTOCOL = b"torchrpc-tcp/4"
 
 _SEQ = struct.Struct("<Q")
 
@@ -91,17 +85,21 @@ class Hasher(Protocol):
     def digest(self) -> bytes: ...
 
 
-class _Poly:
-    __slots__ = ("_p",)
+class _OneShot:
+    """GMAC in one call, at :meth:`digest`, over the pieces given (kept, not copied, until then)."""
 
-    def __init__(self, key: bytes) -> None:
-        self._p = Poly1305(key)
+    __slots__ = ("_aead", "_nonce", "_parts")
+
+    def __init__(self, aead: AESGCM, nonce: bytes) -> None:
+        self._aead, self._nonce = aead, nonce
+        self._parts: list = []
 
     def update(self, data: bytes | memoryview) -> None:
-        self._p.update(data)
+        self._parts.append(data)
 
     def digest(self) -> bytes:
-        return self._p.finalize()
+        parts = self._parts
+        return self._aead.encrypt(self._nonce, b"", parts[0] if len(parts) == 1 else b"".join(parts))
 
 
 class _Gmac:
@@ -121,28 +119,28 @@ class _Gmac:
 
 
 class FrameMac:
-    """One direction's frame tags: ``start(n)`` the hasher of the next frame (n bytes long)."""
+    """One direction's frame tags: ``start(n)`` the hasher of the next frame (n bytes long),
+    ``tag(data)`` the next frame's tag at once."""
 
-    __slots__ = ("_small", "_one_time", "_aes", "seq")
+    __slots__ = ("_aead", "_aes", "seq")
 
     def __init__(self, key: bytes) -> None:
-        self._small = hashlib.blake2b(key=key, digest_size=TAG_BYTES, person=b"torchrpc-frame")
-        self._one_time = hashlib.blake2b(key=key, digest_size=32, person=b"torchrpc-poly")
-        self._aes = algorithms.AES(hashlib.blake2b(key=key, digest_size=32, person=b"torchrpc-gmac").digest())
+        k = hashlib.blake2b(key=key, digest_size=32, person=b"torchrpc-gmac").digest()
+        self._aead, self._aes = AESGCM(k), algorithms.AES(k)
         self.seq = 0
 
-    def start(self, nbytes: int) -> Hasher:
-        seq = _SEQ.pack(self.seq)
+    def _nonce(self) -> bytes:
         self.seq += 1
-        if nbytes < MEDIUM_FRAME:
-            h = self._small.copy()
-            h.update(seq)
-            return h
+        return _SEQ.pack(self.seq - 1) + b"\0\0\0\0"  # a 96-bit nonce that never repeats under this key
+
+    def start(self, nbytes: int) -> Hasher:
         if nbytes < LARGE_FRAME:
-            k = self._one_time.copy()
-            k.update(seq)  # a fresh Poly1305 key per frame, as the one-time MAC requires
-            return _Poly(k.digest())
-        return _Gmac(self._aes, seq + b"\0\0\0\0")  # a 96-bit nonce that never repeats under this key
+            return _OneShot(self._aead, self._nonce())
+        return _Gmac(self._aes, self._nonce())
+
+    def tag(self, data: bytes | memoryview) -> bytes:
+        """The tag of the next frame, all of it in ``data``."""
+        return self._aead.encrypt(self._nonce(), b"", data)
 
 
 def frame_keys(secret: Optional[bytes], transcript_: bytes) -> tuple[Optional[FrameMac], Optional[FrameMac]]:
