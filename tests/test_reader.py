@@ -308,3 +308,42 @@ def _large_frames_both_ways(rank, world_size):
 def test_frames_larger_than_the_receive_buffer_are_read_whole(shm):
     out = run_workers(_large_frames_both_ways, 2, timeout=80, env={"TORCHRPC_SHM": shm})[0]
     assert out == {"ok": True}
+
+
+def _chained_by_callbacks(rank, world_size):
+    import torch
+
+    init(rank, world_size)
+    out = {}
+    if rank == 0:
+        agent = rpc.api.current.agent()
+
+        def chain(n):
+            """n calls in a row, each sent from the callback of the one before (as a pipeline
+            chains its stages); the last one's result."""
+            done = torch.futures.Future()
+
+            def step(i, fut):
+                v = fut.wait()
+                if i == n:
+                    done.set_result(v)
+                else:
+                    rpc.rpc_async("worker1", add, args=(v, 1)).then(lambda f: step(i + 1, f))
+
+            rpc.rpc_async("worker1", add, args=(0, 1)).then(lambda f: step(1, f))
+            return done.wait()
+
+        chain(20)
+        before = agent.readers._watcher  # the watcher role's generation: +1 per hand-over
+        out["result"] = chain(200)
+        out["hand_overs"] = agent.readers._watcher - before
+    rpc.shutdown()
+    return out
+
+
+def test_requests_sent_from_reply_callbacks_keep_the_watcher_reading():
+    """A request sent from a reply's callback, whose reply that thread does not wait for, does
+    not pass the watcher's role on (that woke a pool thread for every stage of a pipeline)."""
+    out = run_workers(_chained_by_callbacks, 2, timeout=60)[0]
+    assert out["result"] == 200
+    assert out["hand_overs"] < 20, out

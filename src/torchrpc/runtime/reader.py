@@ -132,6 +132,16 @@ class Readers:
             self._replace_watcher(watcher)
         self._pass(getattr(_tls, "lease", None))
 
+    def before_request(self, awaited: bool) -> None:
+        """A request is about to go out from this thread. A reader that sends one likely
+        waits for the reply: the reading passes on first (:meth:`hand_off`). Not for a
+        request this thread does not wait for, sent from a reply's callback (a pipeline's
+        next stage, chained by futures): callbacks are not to block, and handing on would
+        wake a thread for every stage. (A callback that does block is handed on by the
+        monitor, after ``HANDOFF_AFTER``.)"""
+        if awaited or not getattr(_tls, "in_reply", False):
+            self.hand_off()
+
     def wait_reply(self, fut: torch.futures.Future, dest: int) -> None:
         """Before waiting on ``fut``, the reply of a request to ``dest``: if nobody reads
         ``dest``'s connection now, read it on this thread until ``fut`` is done. The thread
@@ -196,7 +206,11 @@ class Readers:
             if other is not None:
                 log.warning("torchrpc %s: worker %d replied to a request sent to %d", self.name, src, other.dest)
             return None  # else timed out already, or a stray reply
-        pending.callback(msg, None)
+        outer, _tls.in_reply = getattr(_tls, "in_reply", False), True  # see before_request
+        try:
+            pending.callback(msg, None)
+        finally:
+            _tls.in_reply = outer
         return LED if pending.reader is WAITER else None
 
     # --- the reader loop ---------------------------------------------------------------
