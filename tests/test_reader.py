@@ -347,3 +347,44 @@ def test_requests_sent_from_reply_callbacks_keep_the_watcher_reading():
     out = run_workers(_chained_by_callbacks, 2, timeout=60)[0]
     assert out["result"] == 200
     assert out["hand_overs"] < 20, out
+
+
+def owned_value():
+    return 21
+
+
+def twice_of(rref):
+    return 2 * rref.local_value()
+
+
+def _control_in_passing(rank, world_size):
+    from torchrpc.runtime.pool import Pool
+
+    handed = []
+    orig = Pool.submit
+
+    def spying_submit(self, fn, *args):
+        if getattr(fn, "__name__", "") == "_read_loop" and len(args) == 4 and args[3] is not None:
+            handed.append(type(args[3][1][1]).__name__)  # a leader handing on a request it read
+        return orig(self, fn, *args)
+
+    Pool.submit = spying_submit
+    init(rank, world_size)
+    out = {}
+    if rank == 0:
+        param = rpc.remote("worker1", owned_value)
+        param.to_here()
+        # the owner answers each fork of ``param`` sent to it with an RRefChildAccept, which
+        # arrives while this thread reads its own reply
+        out["values"] = [rpc.remote("worker1", twice_of, args=(param,)).to_here() for _ in range(100)]
+        out["handed"] = list(handed)
+    rpc.shutdown()
+    return out
+
+
+def test_a_thread_reading_its_reply_serves_rref_bookkeeping_in_passing():
+    """RRef protocol messages (Run.CONTROL) that arrive while a thread reads its own reply are
+    served by that thread, not handed on with the reading (two thread wake-ups each)."""
+    out = run_workers(_control_in_passing, 2, timeout=60)[0]
+    assert out["values"] == [42] * 100
+    assert "RRefChildAccept" not in out["handed"], out["handed"]

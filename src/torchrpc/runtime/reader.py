@@ -255,18 +255,11 @@ class Readers:
                 if job is NOTHING:
                     return served_any
             if job is not None and job is not LED:
-                fn, args, run = job
-                if run is Run.HAND_OFF:
+                if job[2] is Run.HAND_OFF:
                     self.hand_off()
-                started = time.perf_counter()
-                try:
-                    fn(*args)
-                except BaseException:  # a handler bug must not stop the reading
-                    log.exception("torchrpc: unhandled error in %s", getattr(fn, "__qualname__", fn))
                 served_any = True
-                if time.perf_counter() - started > QUICK_S:
+                if _serve(job) > QUICK_S:
                     served = FLUSH_AFTER  # only quick requests' replies wait for company
-                del fn, args
             if not leases.end_frame(lease):
                 # handed on: another thread reads now; replies this thread deferred after
                 # its successor looked are ours to send
@@ -322,8 +315,12 @@ class Readers:
                         continue
                     return  # the connection is gone; its calls have failed
                 if job is not None and job is not LED:
-                    self._pool.submit(self._read_loop, peer, conn, lease, job)  # it is still busy: see _read
-                    return
+                    if job[2] is not Run.CONTROL:
+                        self._pool.submit(self._read_loop, peer, conn, lease, job)  # it is still busy: see _read
+                        return
+                    _serve(job)  # bookkeeping that never waits: served in passing
+                    if conn.has_deferred and not self._flush(peer, conn):
+                        return
                 if not self.leases.end_frame(lease):
                     return  # a callback ran long and the monitor handed the reading on
             # nothing awaited from the peer: the acks still to come can wait for our next call
@@ -446,6 +443,17 @@ class Readers:
                     self._monitor_wake.wait()  # a reader that became busy before we parked has seen the flag
                 self._monitor_parked = False
                 quiet_since = time.monotonic()
+
+
+def _serve(job: Job) -> float:
+    """Run a request's handler; how long it took (s)."""
+    fn, args, _ = job
+    started = time.perf_counter()
+    try:
+        fn(*args)
+    except BaseException:  # a handler bug must not stop the reading
+        log.exception("torchrpc: unhandled error in %s", getattr(fn, "__qualname__", fn))
+    return time.perf_counter() - started
 
 
 def _poll(conn: Connection) -> bool:

@@ -22,6 +22,9 @@ class Run(enum.Enum):
     #: on the reader's thread too, but only after it passed the reading on: for work that
     #: waits on other messages (a discovery round of a backward pass)
     HAND_OFF = "hand off"
+    #: as INLINE, for bookkeeping that is quick and never waits (the RRef protocol's): a
+    #: thread reading its own reply serves it in passing instead of handing it on
+    CONTROL = "control"
 
 
 #: ``fn(src, msg, tag)``: ``tag`` is the AutogradTag of a request that came inside a

@@ -49,9 +49,10 @@ class RRefService:
 
     def register(self, registry: HandlerRegistry) -> None:
         registry.register(m.RRefFetchCall, self.handle_fetch, Run.INLINE)
-        registry.register(m.RRefUserDelete, self.handle_user_delete, Run.INLINE)
-        registry.register(m.RRefForkRequest, self.handle_fork_request, Run.INLINE)
-        registry.register(m.RRefChildAccept, self.handle_child_accept, Run.INLINE)
+        # the protocol's bookkeeping: quick, never waits
+        registry.register(m.RRefUserDelete, self.handle_user_delete, Run.CONTROL)
+        registry.register(m.RRefForkRequest, self.handle_fork_request, Run.CONTROL)
+        registry.register(m.RRefChildAccept, self.handle_child_accept, Run.CONTROL)
 
     # --- users --------------------------------------------------------------------
 
