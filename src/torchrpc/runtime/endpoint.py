@@ -109,7 +109,7 @@ class Endpoint:
         reader, or the watcher of free connections, at once (``CLAIM``) or within a few
         milliseconds (``ANYONE``: an ack nobody waits for; see :meth:`Readers.claim`)."""
         if not defer:
-            self.readers.before_request(awaited=reader is WAITER)
+            self.readers.before_request(reader)
             if self._later:
                 self.send_later(dest)
         msg_id = msg.msg_id = self.pending.add(dest, desc, timeout, callback, reader)

@@ -39,7 +39,7 @@ from ..transport.base import block_hook, set_block_hook
 from .idle import IdleSet
 from .lease import Leases, ReadLease
 from .peers import PeerTable
-from .pending import WAITER, PendingTable
+from .pending import CLAIM, WAITER, PendingTable
 from .pool import Pool
 from .registry import HandlerRegistry, Run
 
@@ -132,14 +132,15 @@ class Readers:
             self._replace_watcher(watcher)
         self._pass(getattr(_tls, "lease", None))
 
-    def before_request(self, awaited: bool) -> None:
-        """A request is about to go out from this thread. A reader that sends one likely
-        waits for the reply: the reading passes on first (:meth:`hand_off`). Not for a
-        request this thread does not wait for, sent from a reply's callback (a pipeline's
-        next stage, chained by futures): callbacks are not to block, and handing on would
-        wake a thread for every stage. (A callback that does block is handed on by the
-        monitor, after ``HANDOFF_AFTER``.)"""
-        if awaited or not getattr(_tls, "in_reply", False):
+    def before_request(self, reader: str) -> None:
+        """A request is about to go out from this thread, its reply to be read by ``reader``
+        (see :class:`~torchrpc.runtime.pending.PendingTable`). A reader that sends one likely
+        waits for the reply: the reading passes on first (:meth:`hand_off`). Not for an ack
+        nobody waits for (``ANYONE``), nor for a request this thread does not wait for sent
+        from a reply's callback (a pipeline's next stage, chained by futures): callbacks are
+        not to block, and handing on would wake a thread for every stage. (A callback that
+        does block is handed on by the monitor, after ``HANDOFF_AFTER``.)"""
+        if reader is WAITER or (reader is CLAIM and not getattr(_tls, "in_reply", False)):
             self.hand_off()
 
     def wait_reply(self, fut: torch.futures.Future, dest: int) -> None:

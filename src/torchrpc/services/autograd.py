@@ -120,9 +120,10 @@ class DistAutograd:
     def release(self, context_id: int, from_peer: Optional[int] = None) -> None:
         """Drop the context here and tell every worker it touched (except ``from_peer``).
 
-        The cleanups go with this worker's next request (a training loop's next step sends
-        one at once), or within a watchdog tick: no thread is woken for them, and a step's
-        first call does not compete with them for the interpreter."""
+        Leaving a context sends the cleanups from this thread, at once: the peers drop their
+        parts while this thread goes on to its next step (sent from the pool, they woke a
+        thread that then competed with the step for the interpreter). Those forwarded for
+        ``from_peer`` go with this worker's next request, or within a watchdog tick."""
         ctx = self.contexts.pop(context_id)
         if ctx is None:
             return
@@ -131,7 +132,10 @@ class DistAutograd:
             self._steps_large = ctx.nbytes() >= LARGE_CONTEXT_BYTES
             ctx.clear()
         for peer in peers:
-            self.endpoint.notify_later(peer, m.CleanupAutogradContext(0, context_id))
+            if from_peer is None:
+                self.endpoint.notify(peer, m.CleanupAutogradContext(0, context_id))
+            else:
+                self.endpoint.notify_later(peer, m.CleanupAutogradContext(0, context_id))
 
     def handle_cleanup(self, src: int, msg: m.CleanupAutogradContext, ag: Any = None) -> None:
         ctx = self.contexts.find(msg.context_id)
