@@ -127,20 +127,17 @@ class DistAutograd:
         ctx = self.contexts.pop(context_id)
         if ctx is None:
             return
+        self._steps_large = ctx.nbytes() >= LARGE_CONTEXT_BYTES
+        if self._steps_large and from_peer is not None:
+            self.endpoint.hand_off_reading()  # a reader serving a cleanup: freeing a step's tensors takes a while
         with ctx.lock:
             peers = sorted(ctx.known_workers - {from_peer, self.rank})
-            self._steps_large = ctx.nbytes() >= LARGE_CONTEXT_BYTES
             ctx.clear()
+        tell = self.endpoint.notify if from_peer is None else self.endpoint.notify_later
         for peer in peers:
-            if from_peer is None:
-                self.endpoint.notify(peer, m.CleanupAutogradContext(0, context_id))
-            else:
-                self.endpoint.notify_later(peer, m.CleanupAutogradContext(0, context_id))
+            tell(peer, m.CleanupAutogradContext(0, context_id))
 
     def handle_cleanup(self, src: int, msg: m.CleanupAutogradContext, ag: Any = None) -> None:
-        ctx = self.contexts.find(msg.context_id)
-        if ctx is not None and ctx.nbytes() >= LARGE_CONTEXT_BYTES:
-            self.endpoint.hand_off_reading()  # freeing a training step's tensors takes a while
         self.release(msg.context_id, from_peer=src)
         self.endpoint.reply_ack(src, msg.msg_id)
 
