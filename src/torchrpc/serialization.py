@@ -98,9 +98,11 @@ def _describe(obj: Any) -> str:
 
 
 def _reduce_tensor(t: torch.Tensor) -> tuple:
-    if sparse.is_sparse_coo(t):
+    # each tensor call here costs a few microseconds when the caches are cold: asked once each
+    layout, cpu = t.layout, t.is_cpu
+    if layout is torch.sparse_coo and cpu:
         return _reduce_sparse(t)
-    if t.layout is not torch.strided or t.device.type != "cpu" or t.is_quantized:
+    if layout is not torch.strided or not cpu or t.is_quantized:
         return t.__reduce_ex__(2)
     strides = None
     if t.is_contiguous() or t.is_conj() or t.is_neg() or min(t.stride(), default=0) < 0:
@@ -112,10 +114,10 @@ def _reduce_tensor(t: torch.Tensor) -> tuple:
         strides = tuple(t.stride())
         raw = raw_buffer(t.detach().as_strided((_span(t.shape, strides),), (1,)))
     rebuild = _rebuild_parameter if isinstance(t, torch.nn.Parameter) else _rebuild_tensor
-    session = getattr(_tls, "session", None)
-    if session is not None and t.requires_grad:
+    session, requires_grad = getattr(_tls, "session", None), t.requires_grad
+    if session is not None and requires_grad:
         session.on_send_tensor(t)
-    args = (pickle.PickleBuffer(raw), t.dtype, tuple(t.shape), t.requires_grad)
+    args = (pickle.PickleBuffer(raw), t.dtype, tuple(t.shape), requires_grad)
     return rebuild, args if strides is None else (*args, strides)
 
 

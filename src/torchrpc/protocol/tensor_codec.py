@@ -26,7 +26,7 @@ _MAX_NDIM = 64
 
 def raw_buffer(t: torch.Tensor) -> Any:
     """A buffer over the bytes of dense CPU tensor ``t`` (a copy only if not contiguous)."""
-    d = t.detach()
+    d = t.detach() if t.requires_grad else t  # numpy() refuses a tensor that requires grad
     try:
         # the common case through numpy, whose calls cost a fraction of torch's; numpy()
         # refuses what it cannot show as is (bfloat16, a lazy conjugate or negative bit)
@@ -55,7 +55,11 @@ def tensor_from_buffer(buf: Any, dtype: torch.dtype, shape: Sequence[int]) -> to
         return torch.empty(tuple(shape), dtype=dtype)
     if mv.readonly:
         mv = memoryview(bytearray(mv))
-    return torch.frombuffer(mv, dtype=torch.uint8).view(dtype).view(tuple(shape))
+    if mv.nbytes % dtype.itemsize:
+        raise ValueError(f"a {mv.nbytes}-byte buffer does not hold whole {dtype} elements")
+    # as few torch calls as will do: each costs ~15 us when a message finds the caches cold
+    t = torch.frombuffer(mv, dtype=dtype)
+    return t if len(shape) == 1 and shape[0] * dtype.itemsize == mv.nbytes else t.view(tuple(shape))
 
 
 #: Tensors smaller than this (bytes) travel packed: a run of consecutive tensors of one dtype and
@@ -90,10 +94,11 @@ def encode_tensors(tensors: Sequence[Optional[torch.Tensor]]) -> list:
             meta.extend(_HEAD.pack(_NONE, 0, 0))
             key = None
         else:
-            small = t.numel() * t.element_size() < PACK_BELOW
-            meta.extend(_HEAD.pack(_PACKED if small else _OWN, _CODE[t.dtype], t.dim()))
-            meta.extend(struct.pack(f"<{t.dim()}Q", *t.shape))
-            key = (t.dtype, t.shape) if small else None
+            shape, dtype = t.shape, t.dtype
+            small = t.nbytes < PACK_BELOW
+            meta.extend(_HEAD.pack(_PACKED if small else _OWN, _CODE[dtype], len(shape)))
+            meta.extend(struct.pack(f"<{len(shape)}Q", *shape))
+            key = (dtype, shape) if small else None
         if run and key != run_key:
             data.append(_packed(run))
             run = []
@@ -104,19 +109,18 @@ def encode_tensors(tensors: Sequence[Optional[torch.Tensor]]) -> list:
             data.append(raw_buffer(t))
 
     for t in tensors:
-        if t is None:
-            put(None)
-        elif t.layout is torch.sparse_coo and t.device.type == "cpu" and t.dtype in _CODE:
+        layout = None if t is None else t.layout
+        if t is None or (layout is torch.strided and t.is_cpu and t.dtype in _CODE):
+            put(t)
+        elif layout is torch.sparse_coo and t.is_cpu and t.dtype in _CODE:
             sp = sparse.parts(t)
             meta.extend(_HEAD.pack(_SPARSE, _CODE[t.dtype], t.dim()))
             meta.extend(struct.pack(f"<{t.dim()}Q", *t.shape))
             meta.extend(_SPARSE_TAIL.pack(t.sparse_dim(), 1 if sp.coalesced else 0))
             put(sp.indices)
             put(sp.values)
-        elif t.layout is not torch.strided or t.device.type != "cpu" or t.dtype not in _CODE:
-            raise TypeError(f"cannot send a {t.layout} {t.dtype} tensor on {t.device} as a gradient")
         else:
-            put(t)
+            raise TypeError(f"cannot send a {t.layout} {t.dtype} tensor on {t.device} as a gradient")
     if run:
         data.append(_packed(run))
     return [bytes(meta), *data]
