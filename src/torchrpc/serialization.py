@@ -113,7 +113,8 @@ def _reduce_tensor(t: torch.Tensor) -> tuple:
         # the whole storage; the span is all of it that the view can reach)
         strides = tuple(t.stride())
         raw = raw_buffer(t.detach().as_strided((_span(t.shape, strides),), (1,)))
-    rebuild = _rebuild_parameter if isinstance(t, torch.nn.Parameter) else _rebuild_tensor
+    # Parameter's isinstance runs Python code (its metaclass): a plain tensor skips it
+    rebuild = _rebuild_tensor if type(t) is torch.Tensor or not isinstance(t, torch.nn.Parameter) else _rebuild_parameter
     session, requires_grad = getattr(_tls, "session", None), t.requires_grad
     if session is not None and requires_grad:
         session.on_send_tensor(t)

@@ -164,6 +164,8 @@ class DistAutogradContext:
     def accumulate(self, grads: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Add one step's leaf gradients, as AccumulateGrad would: a gradient is kept as it is
         only if it is contiguous and no other leaf's gradient shares its memory; else a copy."""
+        if not grads:
+            return
         ptrs = collections.Counter(_memory_of(g) for _, g in grads)
         with self.lock:
             for tensor, grad in grads:
