@@ -52,7 +52,10 @@ _NO_INDEX = torch.empty(0, dtype=torch.long)
 
 def edge_of(t: torch.Tensor) -> Edge:
     """The gradient edge of ``t``: its grad_fn's output, or a leaf's gradient accumulator."""
-    if t.grad_fn is None and t.layout is not torch.strided and t.requires_grad:
+    fn = t.grad_fn
+    if fn is not None:  # what get_gradient_edge gives, without its checks (a send's hops pay each)
+        return (fn, t.output_nr)
+    if t.layout is not torch.strided and t.requires_grad:
         # torch finds a leaf's accumulator through view_as, which sparse tensors lack:
         # any op on the leaf names it (an empty index_select costs nothing at any nnz)
         with torch.enable_grad():
