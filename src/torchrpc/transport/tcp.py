@@ -399,6 +399,9 @@ class TCPConnection(Connection):
                 pass
 
     def recv(self) -> list:
+        frame = self._recv_buffered()
+        if frame is not None:
+            return frame
         head = self._take(4)
         (count,) = _COUNT.unpack(head)
         if count > MAX_BUFFERS:
@@ -445,14 +448,49 @@ class TCPConnection(Connection):
                 self._read_exact(memoryview(b), h)  # hashed as it arrives, while the sender hashes on
             frame.append(b)
         if h is not None and not hmac.compare_digest(h.digest(), bytes(self._take(auth.TAG_BYTES))):
-            log.warning("torchrpc: a frame from %s failed authentication (altered, injected or replayed on the "
-                        "way); closing the connection", self.peer)
-            raise FrameAuthenticationError(f"a frame from {self.peer} failed authentication; closing")
+            self._reject()
         for i in in_shm:  # only once the tag checked out: a descriptor names memory to map
             frame[i] = self._open_shm(bytes(frame[i]))
         self.frames_received += 1
         self.bytes_received += sum(lengths)
         return frame
+
+    def _recv_buffered(self) -> Optional[list]:
+        """The next frame if all of it is in the receive buffer already (most small frames are:
+        they arrive in one read), else None and the caller reads it piece by piece. Parsed in
+        place, its tag checked over its bytes in one call, each buffer copied out once: a
+        frame costs a few calls, where piece by piece it costs dozens (~40 us with the caches
+        cold, as the hops of a chain find them)."""
+        rbuf, r0 = self._rbuf, self._r0
+        avail = self._r1 - r0
+        if avail < 4:
+            return None
+        (count,) = _COUNT.unpack_from(rbuf, r0)
+        head = 4 + 8 * count
+        if count > MAX_BUFFERS or avail < head:
+            return None
+        lengths = struct.unpack_from(f"<{count}Q", rbuf, r0 + 4)
+        end = r0 + head + sum(lengths)  # a shared-memory length (top bit set) never fits: piece by piece
+        if end + self._tag_bytes > self._r1:
+            return None
+        if self._rx_mac is not None:
+            view = self._rview
+            if not hmac.compare_digest(self._rx_mac.tag(view[r0:end]), view[end:end + self._tag_bytes]):
+                self._reject()
+        frame = []
+        pos = r0 + head
+        for n in lengths:
+            frame.append(rbuf[pos:pos + n])
+            pos += n
+        self._r0 = end + self._tag_bytes
+        self.frames_received += 1
+        self.bytes_received += end - r0 - head
+        return frame
+
+    def _reject(self) -> None:
+        log.warning("torchrpc: a frame from %s failed authentication (altered, injected or replayed on the "
+                    "way); closing the connection", self.peer)
+        raise FrameAuthenticationError(f"a frame from {self.peer} failed authentication; closing")
 
     def close(self) -> None:
         with_lock = self._send_lock.acquire(timeout=1.0)
