@@ -66,7 +66,7 @@ def test_bench_smoke_prints_table_and_json_lines(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", report
 
     floors = [r for r in rows if r["kind"] == "floor"]
-    assert {r["workload"] for r in floors} == {"F1", "F2", "F3", "F4"}
+    assert {r["workload"] for r in floors} == {"F1", "F2", "F3", "F4", "F5"}
     for row in floors:
         assert row["floor"]["median"] > 0 and row["floor"]["values"], row
 

@@ -105,6 +105,9 @@ FLOORS: dict[str, tuple[str, str, tuple[Metric, ...]]] = {
            (Metric("poll_p50_us", "p50 round trip", "us", "lower"),)),
     "F4": ("copy there and back", "W14's floor: in-process b.copy_(a); a.copy_(b), p50",
            tuple(Metric(f"copy_rt_us_{label}", f"{label} p50", "us", "lower") for label, _ in PAYLOADS)),
+    "F5": ("a backward hop", "W11's floor per hop: a gradient from bytes, one engine call through one node, "
+           "the result to bytes; p50 with the caches warm, and cold (16 MiB touched before each)",
+           (Metric("hop_us_warm", "caches warm p50", "us", "lower"), Metric("hop_us_cold", "caches cold p50", "us", "lower"))),
 }
 
 BACKENDS = ("torchrpc", "torch")
@@ -167,6 +170,7 @@ def shape_params(mode: str) -> dict[str, dict]:
                            for t in trainers]},
         "W14": {"sizes": sizes},
         "F4": {"sizes": [(label, nbytes, max(2, w), max(20, i)) for label, nbytes, w, i in sizes]},
+        "F5": {"warmup": 20, "iters": {"full": 1000, "quick": 300, "smoke": 20}[mode]},
     }
 
 
@@ -377,7 +381,8 @@ def rpc_jobs(w: Workload, backend: str, params: dict, world_size: int | None = N
 def floor_jobs(params: dict, accept_timeout: float) -> list[dict]:
     """The floors in one round: a TCP client (which then does the copies) and a TCP echo server."""
     tcp = dict(params["F1"], port=free_port(), accept_timeout=accept_timeout)
-    return [{"kind": "floors_client", "params": {"tcp": tcp, "copy": params["F2"], "copy_rt": params["F4"]}},
+    return [{"kind": "floors_client", "params": {"tcp": tcp, "copy": params["F2"], "copy_rt": params["F4"],
+                                                            "hop": params["F5"]}},
             {"kind": "tcp_server", "params": tcp}]
 
 

@@ -347,6 +347,42 @@ def copy_round_trip_floor(p: dict, stage: Stage) -> dict:
     return out
 
 
+
+#: What F5 touches before each cold hop: more than a core's L2 cache, as the other processes of
+#: a chain do (on two cores) between two hops of one of them
+EVICT_BYTES = 16 << 20
+
+
+def hop_floor(p: dict, stage: Stage) -> dict:
+    """F5, W11's floor per hop, no RPC library: the least a hop of a backward pass does in
+    Python (a 16-float gradient from bytes with ``torch.frombuffer``, one engine call through one
+    node, the result to bytes with ``numpy()``), p50 with the caches warm and after
+    ``EVICT_BYTES`` are touched (cold). The engine call is the one ``torch.autograd.grad`` makes
+    after its checks of the arguments (torchrpc makes the same)."""
+    from torch.autograd.graph import _engine_run_backward
+
+    def grad(y: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> tuple:
+        return _engine_run_backward((y,), (g,), False, False, (x,), False, accumulate_grad=False)
+
+    raw = bytearray(torch.ones(16).numpy().tobytes())
+    evict = torch.zeros(EVICT_BYTES, dtype=torch.uint8)
+    out = {}
+    for label in ("warm", "cold"):
+        stage(f"hop, caches {label}")
+        times = []
+        for i in range(p["warmup"] + p["iters"]):
+            x = torch.ones(16, requires_grad=True)
+            y = x * 2
+            if label == "cold":
+                evict[::64] += 1  # one byte in each cache line
+            t0 = _ns()
+            (gx,) = grad(y, x, torch.frombuffer(raw, dtype=torch.float32))
+            gx.numpy()
+            times.append(_ns() - t0)
+        out[f"hop_us_{label}"] = percentile(times[p["warmup"]:], 50) / 1e3
+    return out
+
+
 DRIVERS: dict[str, Callable[[Backend, dict, Stage], dict]] = {
     "W9": drive_w9, "W10": drive_w10, "W11": drive_w11, "W12": drive_w12, "W13": drive_w13, "W14": drive_w14,
 }

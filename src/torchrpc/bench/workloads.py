@@ -486,11 +486,15 @@ def tcp_client(p: dict, stage: Stage) -> dict:
 
 
 def floors_client(p: dict, stage: Stage) -> dict:
-    """Both floors in one process, one after the other: the TCP ping-pong, then the copy."""
+    """The floors in one process, one after the other: the TCP ping-pongs (F1, F3), the copy (F2),
+    and when asked the copies there and back (F4) and a backward hop (F5)."""
     out = tcp_client(p["tcp"], stage)
     out.update(copy_floor(p["copy"], stage))
+    shapes = importlib.import_module(f"{__package__}.shapes")
     if "copy_rt" in p:   # F4, W14's floor
-        out.update(importlib.import_module(f"{__package__}.shapes").copy_round_trip_floor(p["copy_rt"], stage))
+        out.update(shapes.copy_round_trip_floor(p["copy_rt"], stage))
+    if "hop" in p:   # F5, W11's floor per hop
+        out.update(shapes.hop_floor(p["hop"], stage))
     return out
 
 

@@ -54,6 +54,20 @@ def _parse(hostport: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def _whole_frame(buf: bytearray, r0: int, r1: int, tag_bytes: int) -> Optional[tuple[int, tuple]]:
+    """If all of the frame at ``buf[r0:r1]`` has arrived (its tag too): where its data starts
+    (an index into ``buf``) and its buffers' lengths (shared-memory ones with the top bit set).
+    None while some of it is missing, or if its count is past ``MAX_BUFFERS``."""
+    if r1 - r0 < 4:
+        return None
+    (count,) = _COUNT.unpack_from(buf, r0)
+    start = r0 + 4 + 8 * count
+    if count > MAX_BUFFERS or r1 < start:
+        return None
+    lengths = struct.unpack_from(f"<{count}Q", buf, r0 + 4)
+    return (start, lengths) if r1 >= start + sum(n & ~_SHM_BIT for n in lengths) + tag_bytes else None
+
+
 def _views(frame: Sequence) -> list[memoryview]:
     """Flat byte views of a frame's buffers, zero-length ones included (the count keeps them)."""
     views = []
@@ -61,6 +75,20 @@ def _views(frame: Sequence) -> list[memoryview]:
         v = memoryview(b)
         views.append(v if v.ndim == 1 and v.format == "B" else v.cast("B"))
     return views
+
+
+def _through_shm(tx: shm.ShmSender, views: list[memoryview], lengths: list[int]) -> tuple[list[memoryview], list[int]]:
+    """Move the large buffers of a frame into shared memory; (views to send, wire lengths)."""
+    out, wire = [], []
+    for v, n in zip(views, lengths):
+        desc = tx.put(v) if n >= shm.THRESHOLD else None
+        if desc is None:
+            out.append(v)
+            wire.append(n)
+        else:
+            out.append(memoryview(desc))
+            wire.append(_SHM_BIT | len(desc))
+    return out, wire
 
 
 def _sendmsg_all(sock: socket.socket, views: list[memoryview], hook: Optional[Callable[[], None]] = None
@@ -140,7 +168,7 @@ class TCPConnection(Connection):
         views = _views(frame)
         lengths = [v.nbytes for v in views]
         if self._shm_tx is not None and max(lengths, default=0) >= shm.THRESHOLD:
-            views, wire = self._through_shm(views, lengths)
+            views, wire = _through_shm(self._shm_tx, views, lengths)
         else:
             wire = lengths
         views = [v for v in views if v.nbytes]
@@ -220,19 +248,6 @@ class TCPConnection(Connection):
 
     def _seal(self, data: bytes) -> bytes:
         return data + self._tx_mac.tag(data)  # type: ignore[union-attr]
-
-    def _through_shm(self, views: list[memoryview], lengths: list[int]) -> tuple[list[memoryview], list[int]]:
-        """Move the large buffers of a frame into shared memory; (views to send, wire lengths)."""
-        out, wire = [], []
-        for v, n in zip(views, lengths):
-            desc = self._shm_tx.put(v) if n >= shm.THRESHOLD else None  # type: ignore[union-attr]
-            if desc is None:
-                out.append(v)
-                wire.append(n)
-            else:
-                out.append(memoryview(desc))
-                wire.append(_SHM_BIT | len(desc))
-        return out, wire
 
     def _send_tagged(self, views: list[memoryview], h: auth.Hasher, hook: Optional[Callable[[], None]]) -> None:
         """Send a large frame and its tag: hash a piece, send it, hash the next, so that the
@@ -352,17 +367,10 @@ class TCPConnection(Connection):
             return True  # recv reports what broke
 
     def _frame_ready(self) -> bool:
-        avail = self._r1 - self._r0
-        if avail < 4:
-            return False
-        (count,) = _COUNT.unpack_from(self._rbuf, self._r0)
-        if count > MAX_BUFFERS:
+        r0 = self._r0
+        if self._r1 - r0 >= 4 and _COUNT.unpack_from(self._rbuf, r0)[0] > MAX_BUFFERS:
             return True  # recv rejects it at once
-        need = 4 + 8 * count
-        if avail < need:
-            return False
-        lengths = struct.unpack_from(f"<{count}Q", self._rbuf, self._r0 + 4)
-        return avail >= need + sum(n & ~_SHM_BIT for n in lengths) + self._tag_bytes
+        return _whole_frame(self._rbuf, r0, self._r1, self._tag_bytes) is not None
 
     def _open_shm(self, desc: bytes) -> object:
         try:
@@ -461,30 +469,22 @@ class TCPConnection(Connection):
         place, its tag checked over its bytes in one call, each buffer copied out once: a
         frame costs a few calls, where piece by piece it costs dozens (~40 us with the caches
         cold, as the hops of a chain find them)."""
-        rbuf, r0 = self._rbuf, self._r0
-        avail = self._r1 - r0
-        if avail < 4:
+        r0, rbuf = self._r0, self._rbuf
+        whole = _whole_frame(rbuf, r0, self._r1, self._tag_bytes)
+        if whole is None or any(n & _SHM_BIT for n in whole[1]):
             return None
-        (count,) = _COUNT.unpack_from(rbuf, r0)
-        head = 4 + 8 * count
-        if count > MAX_BUFFERS or avail < head:
-            return None
-        lengths = struct.unpack_from(f"<{count}Q", rbuf, r0 + 4)
-        end = r0 + head + sum(lengths)  # a shared-memory length (top bit set) never fits: piece by piece
-        if end + self._tag_bytes > self._r1:
-            return None
-        if self._rx_mac is not None:
-            view = self._rview
-            if not hmac.compare_digest(self._rx_mac.tag(view[r0:end]), view[end:end + self._tag_bytes]):
-                self._reject()
+        pos, lengths = whole
+        end = pos + sum(lengths)
+        if self._rx_mac is not None and not hmac.compare_digest(self._rx_mac.tag(self._rview[r0:end]),
+                                                                self._rview[end:end + self._tag_bytes]):
+            self._reject()
         frame = []
-        pos = r0 + head
         for n in lengths:
             frame.append(rbuf[pos:pos + n])
             pos += n
         self._r0 = end + self._tag_bytes
         self.frames_received += 1
-        self.bytes_received += end - r0 - head
+        self.bytes_received += sum(lengths)
         return frame
 
     def _reject(self) -> None:
