@@ -114,7 +114,8 @@ def _reduce_tensor(t: torch.Tensor) -> tuple:
         strides = tuple(t.stride())
         raw = raw_buffer(t.detach().as_strided((_span(t.shape, strides),), (1,)))
     # Parameter's isinstance runs Python code (its metaclass): a plain tensor skips it
-    rebuild = _rebuild_tensor if type(t) is torch.Tensor or not isinstance(t, torch.nn.Parameter) else _rebuild_parameter
+    parameter = type(t) is not torch.Tensor and isinstance(t, torch.nn.Parameter)
+    rebuild = _rebuild_parameter if parameter else _rebuild_tensor
     session, requires_grad = getattr(_tls, "session", None), t.requires_grad
     if session is not None and requires_grad:
         session.on_send_tensor(t)

@@ -107,7 +107,8 @@ FLOORS: dict[str, tuple[str, str, tuple[Metric, ...]]] = {
            tuple(Metric(f"copy_rt_us_{label}", f"{label} p50", "us", "lower") for label, _ in PAYLOADS)),
     "F5": ("a backward hop", "W11's floor per hop: a gradient from bytes, one engine call through one node, "
            "the result to bytes; p50 with the caches warm, and cold (16 MiB touched before each)",
-           (Metric("hop_us_warm", "caches warm p50", "us", "lower"), Metric("hop_us_cold", "caches cold p50", "us", "lower"))),
+           (Metric("hop_us_warm", "caches warm p50", "us", "lower"),
+            Metric("hop_us_cold", "caches cold p50", "us", "lower"))),
 }
 
 BACKENDS = ("torchrpc", "torch")

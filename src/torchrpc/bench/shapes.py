@@ -347,7 +347,6 @@ def copy_round_trip_floor(p: dict, stage: Stage) -> dict:
     return out
 
 
-
 #: What F5 touches before each cold hop: more than a core's L2 cache, as the other processes of
 #: a chain do (on two cores) between two hops of one of them
 EVICT_BYTES = 16 << 20
@@ -370,7 +369,7 @@ def hop_floor(p: dict, stage: Stage) -> dict:
     for label in ("warm", "cold"):
         stage(f"hop, caches {label}")
         times = []
-        for i in range(p["warmup"] + p["iters"]):
+        for _ in range(p["warmup"] + p["iters"]):
             x = torch.ones(16, requires_grad=True)
             y = x * 2
             if label == "cold":

@@ -2,10 +2,12 @@
 
 Frame layout: ``u32 count`` then ``count`` × ``u64 length`` (little-endian), then
 the buffers back to back, then (on an authenticated connection without TLS) the
-frame's 16-byte tag (:mod:`.auth`), checked before the frame is handed on. Sends gather all buffers in one ``sendmsg`` (no join,
-so tensor memory goes to the kernel straight from its storage); receives read
-each buffer into its own freshly allocated ``bytearray``, which the
-deserializer then uses as tensor storage.
+frame's 16-byte tag (:mod:`.auth`), checked before the frame is handed on. A small frame is
+joined and sent with one ``sendmsg``; a large one goes out with ``sendmsg`` over its buffers
+(tensor memory goes to the kernel straight from its storage). Receives copy each buffer
+into its own ``bytearray`` (a large one is read into its own memory directly), which the
+deserializer then uses as tensor storage; a frame already whole in the receive buffer is
+parsed in place.
 """
 from __future__ import annotations
 
