@@ -102,11 +102,14 @@ class DistAutogradContext:
         self._send_reach: set[int] = set()
         #: (pass id, send id) of the deliveries of passes that skipped discovery
         self.direct_deliveries: set[tuple[int, int]] = set()
+        #: bytes of the tensors sent and received, counted once each as they are recorded
+        self._exchanged_nbytes = 0
 
     def add_send(self, autograd_message_id: int, peer: int, tensors: list[torch.Tensor]) -> None:
         with self.lock:
             edges = [edge_of(t) for t in tensors]
             self.sends[autograd_message_id] = Exchange(peer, tensors, edges)
+            self._exchanged_nbytes += sum(tensor_nbytes(t) for t in tensors)
             self.known_workers.add(peer)
             if not self.converges:
                 # the sends so far reach disjoint sets of nodes, so each node is walked once
@@ -122,6 +125,7 @@ class DistAutogradContext:
                  converges: bool = False) -> None:
         with self.lock:
             self.recvs[autograd_message_id] = Exchange(peer, tensors)
+            self._exchanged_nbytes += sum(tensor_nbytes(t) for t in tensors)
             self.known_workers.add(peer)
             self.converges = self.converges or converges
             for i, t in enumerate(tensors):
@@ -199,10 +203,8 @@ class DistAutogradContext:
     def nbytes(self) -> int:
         """Bytes of the tensors held: accumulated gradients and the tensors sent and received."""
         with self.lock:
-            tensors = list(self.grads.values())
-            for ex in list(self.sends.values()) + list(self.recvs.values()):
-                tensors.extend(ex.tensors)
-        return sum(tensor_nbytes(t) for t in tensors)
+            grads, exchanged = list(self.grads.values()), self._exchanged_nbytes
+        return exchanged + sum(tensor_nbytes(g) for g in grads)
 
     def clear(self) -> None:
         with self.lock:
@@ -213,6 +215,7 @@ class DistAutogradContext:
             self.passes.clear()
             self._send_reach.clear()
             self.direct_deliveries.clear()
+            self._exchanged_nbytes = 0
 
 
 def tensor_nbytes(t: torch.Tensor) -> int:
